@@ -70,6 +70,8 @@ class Conversion:
     from_cache: bool = False
     onnx_path: Path | None = None
     source: Source | None = field(default=None, repr=False)
+    #: the trace/export this conversion came from (lets diagnose() convert siblings without re-tracing)
+    prepared: Any = field(default=None, repr=False, compare=False)
     #: MIL output name -> enclosing torch module paths, innermost first (coremltools' op mapping)
     layer_chains: dict = field(default_factory=dict, repr=False)
 
@@ -157,17 +159,24 @@ def _hash_tensor(h, name: str, t) -> None:
         h.update(repr(t).encode())
 
 
-def fingerprint(graph_text: str, tensors: dict, inputs: ExampleInputs | None, options: ConversionOptions) -> str:
-    """Cache key of (graph, weights, input specs, options, versions)."""
+def fingerprint(source_digest: str, inputs: ExampleInputs | None, options: ConversionOptions) -> str:
+    """Cache key of (graph and weights - :meth:`Prepared.digest` -, input specs, options, versions)."""
     h = hashlib.sha256()
     h.update(f"format={CACHE_FORMAT};ct={ct.__version__};torch={torch.__version__};np={np.__version__}".encode())
-    h.update(graph_text.encode())
-    for name in sorted(tensors):
-        _hash_tensor(h, name, tensors[name])
+    h.update(source_digest.encode())
     if inputs is not None:
         h.update(inputs.describe().encode())
     h.update(options.key().encode())
     return h.hexdigest()[:32]
+
+
+def _source_digest(graph_text: str, tensors: dict) -> str:
+    """Hash of a traced graph's text and its weights."""
+    h = hashlib.sha256()
+    h.update(graph_text.encode())
+    for name in sorted(tensors):
+        _hash_tensor(h, name, tensors[name])
+    return h.hexdigest()
 
 
 _MANGLE = re.compile(r"___torch_mangle_\d+\.")
@@ -294,6 +303,13 @@ class Prepared:
     tensors: dict = field(default_factory=dict, repr=False)
     messages: list = field(default_factory=list, repr=False)
     _fresh: Any = field(default=None, repr=False)
+    _digest: str | None = field(default=None, repr=False)
+
+    def digest(self) -> str:
+        """Hash of the traced graph and its weights, computed once (conversions share it)."""
+        if self._digest is None:
+            self._digest = _source_digest(self.graph_text, self.tensors)
+        return self._digest
 
     def take_convertible(self):
         if self._fresh is not None:
@@ -339,12 +355,11 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     notes = [msgs.make("info", n, "coreml_lab") for n in source.notes]
     prep_messages = list(prep.messages)
     method = prep.method
-    key = fingerprint(prep.graph_text + f"|mapping={layer_mapping}", prep.tensors, inputs, options) \
-        if cache else None
+    key = fingerprint(prep.digest() + f"|mapping={layer_mapping}", inputs, options) if cache else None
     if key is not None:
         hit = _load_from_cache(key, options, inputs, source)
         if hit is not None:
-            return hit
+            return dataclasses.replace(hit, prepared=prep)
 
     convertible = prep.take_convertible()
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
@@ -372,13 +387,13 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
         + prep_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
-        onnx_path=source.onnx_path, source=source, layer_chains=chains,
+        onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
     )
     if key is not None:
         try:
             cache_dir().mkdir(parents=True, exist_ok=True)
             _save_to_cache(key, conv)
-            _remember(key, dataclasses.replace(conv, from_cache=True))
+            _remember(key, dataclasses.replace(conv, from_cache=True, prepared=None))
         except OSError as exc:
             warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}")
     return conv

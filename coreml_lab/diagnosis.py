@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
@@ -29,11 +30,13 @@ import torch
 
 from . import runtime as rt
 from .convert import Conversion, ConversionError, convert, prepare
+from .emulator.lockstep import SharedRun, same_computation, share_key, var_input_names
 from .emulator.profiles import get_profile
+from .fp16 import FP16_MAX
 from .fp16 import RangeStats, const_ranges
-from .metrics import DiffStats, ErrorHistogram, ErrorStats, reference_sums
+from .metrics import DiffStats, ErrorHistogram, ErrorStats, max_abs, reference_sums
 from .options import ConversionOptions, as_options
-from .reference import TorchStream, double_copy, feed_tensors, run_onnxruntime, run_torch
+from .reference import TorchPump, double_copy, drain, feed_tensors, run_onnxruntime, run_torch
 from .report import Report
 
 DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -140,13 +143,15 @@ def _is_float(v) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
-def _step_input_names(step) -> list[str]:
-    names = []
-    for src in step.inputs.values():
-        for s in (src if isinstance(src, tuple) else (src,)):
-            if isinstance(s, str):
-                names.append(s)
-    return names
+#: interpreter -> indices of its steps with a non-finite constant input (weights do not change)
+_NONFINITE_CONSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _steps_with_nonfinite_consts(interp) -> set:
+    found = _NONFINITE_CONSTS.get(interp)
+    if found is None:
+        found = _NONFINITE_CONSTS[interp] = {i for i, s in enumerate(interp.main.steps) if _has_nonfinite_const(s)}
+    return found
 
 
 def _has_nonfinite_const(step) -> bool:
@@ -162,41 +167,56 @@ def _has_nonfinite_const(step) -> bool:
 # ----------------------------------------------------------------------------- lockstep
 
 class Lockstep:
-    """Runs a reference interpreter and several diagnosed interpreters (same program) op by op.
+    """Runs a reference interpreter and the diagnosed interpreters (one program, one per unit) op by op.
 
-    ``run`` calls ``on_step(index, step, {cu: output values}, refs)`` after each diagnosed step,
-    where ``refs`` maps the reference vars paired (``ref_of``) with the step's inputs and outputs
-    to their values, and ``on_ref(step, name, value)``
-    for every reference value. Reference values are kept only until their last use.
+    The diagnosed units advance together through :class:`~.emulator.lockstep.SharedRun`, so a
+    step several units compute identically runs once, and a unit's step that provably computes
+    what its paired reference step computed (:func:`~.emulator.lockstep.same_computation`, on
+    the very reference tensors) takes the reference's values. ``run`` calls
+    ``on_step(index, step, {cu: output values}, refs)`` after each diagnosed step, where
+    ``refs`` maps the reference vars paired (``ref_of``) with the step's inputs and outputs to
+    their values, and ``on_ref(step, name, value)`` (a generator) for every reference value.
+    Reference values are kept only until their last use.
     """
 
-    def __init__(self, ref_interp, dev_interps: dict, with_inputs: bool, ref_of: dict):
+    def __init__(self, ref_interp, dev_interps: dict, with_inputs: bool, ref_of: dict, reuse: bool = True):
         self.ref = ref_interp
-        self.devs = dev_interps
+        self.ref_of = ref_of
+        self.devs = SharedRun(dev_interps, share=reuse)
         self.steps = list(next(iter(dev_interps.values())).main.steps)
+        self.same = {cu: _same_steps(interp, ref_interp, ref_of) if reuse else [None] * len(self.steps)
+                     for cu, interp in dev_interps.items()}
         keys = set(ref_interp.main.input_names)
         for s in ref_interp.main.steps:
             keys.update(name for name, _, _ in s.outputs)
-        self.ref_keys = keys
         self.step_keys = []
         uses: Counter = Counter()
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             ks = [ref_of.get(n) for n, _, _ in step.outputs]
-            if with_inputs:
-                ks += [ref_of.get(n) for n in _step_input_names(step)]
+            if with_inputs or any(same[index] is not None for same in self.same.values()):
+                ks += [ref_of.get(n) for n in var_input_names(step)]
             ks = [k for k in ks if k in keys]
             self.step_keys.append(ks)
             uses.update(ks)
         self.uses = uses
 
-    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_ref) -> tuple[dict, dict]:
+    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_ref):
+        """Generator (``on_ref`` is one: it may wait for torch); returns (reference outputs, unit outputs)."""
         ref_iter = self.ref.iterate(ref_feeds)
         remaining = Counter(self.uses)
         store = {k: v for k, v in ref_feeds.items() if remaining.get(k)}
-        dev_iters = {cu: interp.iterate(dev_feeds) for cu, interp in self.devs.items()}
         ref_open = True
+        ref_of = self.ref_of
+
+        def reuse(cu, step, env):
+            same = self.same[cu][index]
+            if same is None or any(env[n] is not store.get(ref_of.get(n)) for n in self.devs.names[index]):
+                return None
+            outs = [store.get(name) for name, _, _ in same.outputs]
+            return None if any(o is None for o in outs) else outs
+
+        self.devs.start({cu: dev_feeds for cu in self.devs.interpreters})
         for index, step in enumerate(self.steps):
-            values = {cu: next(it)[1] for cu, it in dev_iters.items()}
             keys = self.step_keys[index]
             while ref_open and any(k not in store for k in keys):
                 try:
@@ -207,19 +227,40 @@ class Lockstep:
                 for (name, _, _), v in zip(rstep.outputs, rvalues):
                     if remaining.get(name):
                         store[name] = v
-                    on_ref(rstep, name, v)
+                    yield from on_ref(rstep, name, v)
+            values = self.devs.step(index, reuse)
             on_step(index, step, values, {k: store.get(k) for k in keys})
+            self.devs.free(index)
             for k in keys:
                 remaining[k] -= 1
                 if remaining[k] <= 0:
                     store.pop(k, None)
-        for it in dev_iters.values():
-            for _ in it:
-                pass
         for rstep, rvalues in ref_iter:
             for (name, _, _), v in zip(rstep.outputs, rvalues):
-                on_ref(rstep, name, v)
-        return self.ref.last_outputs, {cu: d.last_outputs for cu, d in self.devs.items()}
+                yield from on_ref(rstep, name, v)
+        return self.ref.last_outputs, self.devs.finish()
+
+
+#: dev interpreter -> reference interpreter -> per dev step, the reference step computing the same
+_SAME_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _same_steps(dev_interp, ref_interp, ref_of: dict) -> list:
+    """For each top-level step of ``dev_interp``, the step of ``ref_interp`` that computes exactly
+    the same (None if none); constants are compared once per pair of interpreters."""
+    per_ref = _SAME_STEPS.setdefault(dev_interp, weakref.WeakKeyDictionary())
+    found = per_ref.get(ref_interp)
+    if found is None:
+        producer = {name: s for s in ref_interp.main.steps for name, _, _ in s.outputs}
+        found = []
+        for step in dev_interp.main.steps:
+            wanted = [ref_of.get(name) for name, _, _ in step.outputs]
+            cand = producer.get(wanted[0]) if wanted else None
+            ok = cand is not None and [n for n, _, _ in cand.outputs] == wanted \
+                and same_computation(step, cand, ref_of)
+            found.append(cand if ok else None)
+        per_ref[ref_interp] = found
+    return found
 
 
 # ----------------------------------------------------------------------------- per-op state
@@ -248,7 +289,7 @@ def _max_abs(a) -> tuple[float, bool]:
     a = torch.as_tensor(a)
     if not a.numel():
         return 0.0, True
-    m = float(a.abs().max())
+    m = max_abs(a)
     if math.isfinite(m):
         return m, True
     finite = torch.isfinite(a)
@@ -262,20 +303,36 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
              inputs: Iterable[dict] | None = None, progress: bool = True, local: bool = True) -> Report:
     """Diagnose ``model`` converted with ``options`` on each compute unit; returns a :class:`Report`.
 
+    ``model`` may also be a :class:`~.convert.Conversion` from :func:`~.convert.convert`: it is
+    diagnosed as converted (its options and example inputs; nothing is traced again).
     ``inputs``: an iterable of input dicts (a small dataset) whose statistics are aggregated;
     default the example inputs. ``runtime``: "auto" (Core ML on macOS, else the emulator),
     "emulator" or "coreml". ``local=False`` skips the per-op local re-runs (faster).
     A model that fails to convert gives a Report carrying the error and its explanation.
     """
-    opts = as_options(options)
     cus = [getattr(c, "name", c) for c in compute_units]
     if not cus:
         raise ValueError("compute_units is empty: give at least one of CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL")
     cus = [get_profile(c).compute_unit for c in cus]
     kind = rt.resolve(runtime)
-    prep = prepare(model, example_inputs)
+    if isinstance(model, Conversion):
+        conv, opts = model, model.options
+        if options is not None and as_options(options) != opts:
+            raise ValueError("diagnose(conversion) diagnoses the conversion as made: pass options=None "
+                             f"(it was converted with {opts}), or pass the model to convert it anew")
+        if example_inputs is not None:
+            raise ValueError("diagnose(conversion) uses the conversion's own example inputs: pass "
+                             "example_inputs=None, and other feeds as inputs=")
+        prep = conv.prepared
+        if prep is None and conv.method != "loaded":
+            raise ValueError("this Conversion does not carry its trace (it came from a bundle or was copied); "
+                             "pass the model itself")
+    else:
+        opts = as_options(options)
+        prep = prepare(model, example_inputs)
     try:
-        conv = convert(None, options=opts, prepared=prep)
+        if not isinstance(model, Conversion):
+            conv = convert(None, options=opts, prepared=prep)
         # the exact reference: the FP32 conversion, through coremltools' op mapping (torch modules)
         conv32 = conv if conv.method == "loaded" else convert(
             None, options=opts.replace(precision="fp32", fp32_ops=()), prepared=prep, layer_mapping=True)
@@ -291,6 +348,10 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
 
 class Diagnosis:
     """One diagnosis run; :meth:`run` returns the Report."""
+
+    #: compute what several units (or a unit and the reference) compute identically only once;
+    #: False runs everything everywhere (the tests compare both: sharing must change no number)
+    reuse = True
 
     def __init__(self, conv: Conversion, conv32: Conversion, cus: list[str], kind: str, local: bool):
         self.conv, self.conv32, self.cus, self.kind, self.local = conv, conv32, cus, kind, local
@@ -320,20 +381,18 @@ class Diagnosis:
     def run(self, feeds_list: list[dict], progress: bool) -> Report:
         from tqdm.auto import tqdm
 
-        ref = rt.EmulatorRuntime(self.conv32.mlmodel, "CPU_ONLY", module_of=self.ref_map.op_module).model
+        ref = _emulated(self.conv32.mlmodel, "CPU_ONLY", self.ref_map.op_module)
         devs = {}
         if self.kind == "emulator":
-            devs = {cu: rt.EmulatorRuntime(self.conv.mlmodel, cu, module_of=self.layer_map.op_module).model
-                    for cu in self.cus}
+            devs = {cu: _emulated(self.conv.mlmodel, cu, self.layer_map.op_module) for cu in self.cus}
             self.storage = {cu: _storage_table(m.interpreter) for cu, m in devs.items()}
-            self.bad_consts = {i for i, s in enumerate(next(iter(devs.values())).interpreter.main.steps)
-                               if _has_nonfinite_const(s)}
+            self.bad_consts = _steps_with_nonfinite_consts(next(iter(devs.values())).interpreter)
         bar = tqdm(total=len(feeds_list) * max(len(self.cus), 1), desc="diagnose", unit="run",
                    disable=not progress)
         for feeds in feeds_list:
-            stream = golden = torch_run = None
-            if self.torch_model is not None:
-                tensors = feed_tensors(feeds, self.conv.example_inputs)
+            golden = torch_run = None
+            tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
+            if tensors is not None:
                 try:
                     if self._double is None:
                         self._double = double_copy(self.torch_model)
@@ -341,17 +400,19 @@ class Diagnosis:
                 except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
                     self.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
                                    "golden columns are empty")
-                # torch FP32 advances together with the reference program (module outputs on demand)
-                stream = TorchStream(self.torch_model, tensors, set(self.module_vars.values()))
             onnx_out = run_onnxruntime(self.conv.onnx_path, feeds) if self.conv.onnx_path else None
-            try:
-                if self.kind == "emulator":
-                    ref_outs, dev_outs = self._lockstep(ref, devs, feeds, stream)
-                else:  # pragma: no cover - Core ML runs on macOS only
-                    ref_outs, dev_outs = self._measured(ref, feeds, stream)
-            finally:
-                if stream is not None:
-                    torch_run = stream.finish()
+            if self.kind == "emulator":
+                if tensors is not None:
+                    # torch FP32 drives the reference program and the units: module outputs as they come
+                    pump = TorchPump(self.torch_model, tensors, set(self.module_vars.values()))
+                    ref_outs, dev_outs = pump.run(self._lockstep(ref, devs, feeds, pump))
+                    torch_run = pump.outputs
+                else:
+                    ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None))
+            else:  # pragma: no cover - Core ML runs on macOS only
+                if tensors is not None:
+                    torch_run = run_torch(self.torch_model, tensors, set(self.module_vars.values()))
+                ref_outs, dev_outs = self._measured(ref, feeds, torch_run)
             self._compare_outputs(ref_outs, dev_outs, torch_run, golden, onnx_out)
             self._record(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
@@ -359,12 +420,13 @@ class Diagnosis:
         return self._report(len(feeds_list))
 
     def _on_ref(self, step, name, value, torch_run):
+        """Generator (it may wait for torch): FP16 range of a reference value, and its torch check."""
         if not _is_float(value):
             return
         self.ranges[name].add(value)
         module = self.module_vars.get(name)
         if module is not None and torch_run is not None:
-            t = torch_run.module_output(module)
+            t = yield from torch_run.take(module)
             if t is None:
                 return
             if t.numel() == value.numel():
@@ -378,13 +440,20 @@ class Diagnosis:
             if _is_float(value):
                 self.ranges[name].add(value.numpy())
         dev_feeds = next(iter(devs.values())).prepare_inputs(feeds)
+        for name, value in dev_feeds.items():  # the very reference tensors where equal: steps can be reused
+            r = ref_feeds.get(name)
+            if isinstance(r, torch.Tensor) and isinstance(value, torch.Tensor) and r.dtype == value.dtype \
+                    and r.shape == value.shape and torch.equal(r, value):
+                dev_feeds[name] = r
         interps = {cu: m.interpreter for cu, m in devs.items()}
-        lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of)
+        lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of, reuse=self.reuse)
         bad_vars = {cu: set() for cu in self.cus}
+        exact_vars = {cu: set() for cu in self.cus}  # values bit-identical to their reference
 
         def on_step(index, step, values, refs):
-            in_names = _step_input_names(step)
+            in_names = list(var_input_names(step))
             ref_sums = {}  # per reference var, shared by every compute unit
+            measured = {}  # id(value) -> its measurement: a value shared by units is measured once
             for cu, vals in values.items():
                 device = interps[cu].main.steps[index].device
                 inputs_bad = index in self.bad_consts or any(n in bad_vars[cu] for n in in_names)
@@ -396,25 +465,48 @@ class Diagnosis:
                     st = self.stats[cu][name]
                     st.meta = (index, step.op.name, step.op.op_type, device, tuple(in_names))
                     self.shapes[name] = tuple(v.shape)
-                    m, finite = _max_abs(v)
-                    st.max_abs = max(st.max_abs, m)
+                    m = measured.get(id(v))
+                    if m is None:
+                        m = measured[id(v)] = self._measure(v, refs.get(self.ref_of.get(name)), name, ref_sums)
+                    top, finite, acc, hist = m
+                    st.max_abs = max(st.max_abs, top)
                     if not finite:
                         bad_vars[cu].add(name)
                         st.nonfinite = True
                         st.nonfinite_from_inputs = st.nonfinite_from_inputs or inputs_bad
                         self.first_nonfinite.setdefault(cu, name)
-                    r = refs.get(self.ref_of.get(name))
-                    if _is_float(r) and r.numel() == v.numel():
-                        rs = ref_sums.get(name)
-                        if rs is None:
-                            rs = ref_sums[name] = reference_sums(r)
-                        st.acc.add(v, r, classifier=False, ref_sums=rs)
-                        st.hist.add(v, r)
-                if self.local and not step.blocks:
-                    self._local(cu, step, in_names, refs, interps[cu], ref_sums)
-            self._diverge(step, values)
+                    if acc is not None:
+                        st.acc.merge(acc)
+                        st.hist.merge(hist)
+                        r = refs.get(self.ref_of.get(name))
+                        if acc.max_abs == 0 and not (acc.n_nonfinite or acc.ref_nonfinite) \
+                                and v.dtype == r.dtype and v.shape == r.shape:
+                            exact_vars[cu].add(name)
+            if self.local and not step.blocks:
+                # a unit whose inputs all equal the reference already ran this op on them
+                rerun = [cu for cu in self.cus if not (self.reuse and all(n in exact_vars[cu] for n in in_names))]
+                for cu in set(self.cus) - set(rerun):
+                    for (name, _, _), v in zip(step.outputs, values[cu]):
+                        m = measured.get(id(v))
+                        if m is not None and m[2] is not None:
+                            self.stats[cu][name].local.merge(m[2])
+                self._local(index, rerun, in_names, refs, interps, ref_sums)
+            self._diverge(step, values, measured)
 
-        return lock.run(ref_feeds, dev_feeds, on_step, lambda s, n, v: self._on_ref(s, n, v, torch_run))
+        return (yield from lock.run(ref_feeds, dev_feeds, on_step, lambda s, n, v: self._on_ref(s, n, v, torch_run)))
+
+    @staticmethod
+    def _measure(v, r, name, ref_sums):
+        """(max |v|, all finite, error vs reference, error histogram) of one diagnosed value."""
+        top, finite = _max_abs(v)
+        if not (_is_float(r) and r.numel() == v.numel()):
+            return top, finite, None, None
+        rs = ref_sums.get(name)
+        if rs is None:
+            rs = ref_sums[name] = reference_sums(r)
+        acc, hist = ErrorStats(), ErrorHistogram()
+        acc.add(v, r, classifier=False, ref_sums=rs, hist=hist)
+        return top, finite, acc, hist
 
     def _compare_ints(self, cu, index, step, device, name, v, r, in_names) -> None:
         """Integer outputs (top-k indices, masks): how many elements differ from the reference."""
@@ -431,37 +523,67 @@ class Diagnosis:
                 st.ints_from_inputs = True
             self.int_bad[cu].add(name)
 
-    def _diverge(self, step, values: dict) -> None:
-        """Divergence between every pair of compute units for this step's outputs."""
+    def _diverge(self, step, values: dict, measured: dict) -> None:
+        """Divergence between every pair of compute units for this step's outputs (each distinct
+        pair of values measured once: units sharing a value diverge alike)."""
         cus = list(values)
+        done: dict = {}
         for i, a in enumerate(cus):
             for b in cus[i + 1:]:
                 for (name, _, _), va, vb in zip(step.outputs, values[a], values[b]):
                     if _is_float(va) and _is_float(vb) and va.shape == vb.shape:
-                        self.pairs[(a, b, name)].add(va, vb)
+                        key = (id(va), id(vb))
+                        if key not in done:
+                            m = measured.get(id(vb))
+                            done[key] = DiffStats.measure(va, vb, max_b=m[0] if m is not None else None)
+                        self.pairs[(a, b, name)].merge(done[key])
 
-    def _local(self, cu, step, in_names, refs, interp, ref_sums):
+    def _local(self, index, cus, in_names, refs, interps, ref_sums):
+        """Op ``index`` alone on the reference inputs rounded to its storage dtype, on each of ``cus``,
+        once per distinct run."""
+        rounded: dict = {}  # (reference var, dtype) -> rounded value (None: it overflows)
+        runs: dict = {}     # share key -> [step, inputs, units]
+        for cu in cus:
+            cstep = interps[cu].main.steps[index]
+            env = self._local_inputs(cu, in_names, refs, rounded)
+            if env is None:
+                continue
+            key = share_key(cstep, env, tuple(in_names)) if self.reuse else None
+            runs.setdefault(key if key is not None else (cu,), [cstep, env, []])[2].append(cu)
+        for cstep, env, members in runs.values():
+            try:
+                local_vals = cstep.run(env)
+            except Exception:  # noqa: BLE001 - e.g. an op whose shapes only line up with device values
+                continue
+            for (name, _, _), lv in zip(cstep.outputs, local_vals):
+                r = refs.get(self.ref_of.get(name))
+                if _is_float(lv) and _is_float(r) and r.numel() == lv.numel():
+                    delta = ErrorStats()
+                    delta.add(lv, r, classifier=False, ref_sums=ref_sums.get(name))
+                    for cu in members:
+                        self.stats[cu][name].local.merge(delta)
+
+    def _local_inputs(self, cu, in_names, refs, rounded) -> dict | None:
+        """The op's inputs for a local run on ``cu``; None if one has no reference value or overflows."""
         env = {}
         storage = self.storage[cu]
         for name in in_names:
-            r = refs.get(self.ref_of.get(name))
+            key = self.ref_of.get(name)
+            r = refs.get(key)
             if r is None:
-                return  # an input without reference value: no local measurement
+                return None  # an input without reference value: no local measurement
             dt = storage.get(name)
             if dt is not None and _is_float(r) and r.dtype != dt:
-                rounded = r.to(dt)
-                if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(r).all()):
-                    return  # the input itself overflows its storage: that is its producer's error
-                r = rounded
+                if (key, dt) not in rounded:
+                    x = r.to(dt)
+                    if max_abs(r) > FP16_MAX and not bool(torch.isfinite(x).all()) and bool(torch.isfinite(r).all()):
+                        x = None  # the input itself overflows its storage: that is its producer's error
+                    rounded[(key, dt)] = x
+                r = rounded[(key, dt)]
+                if r is None:
+                    return None
             env[name] = r
-        try:
-            local_vals = interp.run_step(step, env)
-        except Exception:  # noqa: BLE001 - e.g. an op whose shapes only line up with device values
-            return
-        for (name, _, _), lv in zip(step.outputs, local_vals):
-            r = refs.get(self.ref_of.get(name))
-            if _is_float(lv) and _is_float(r) and r.numel() == lv.numel():
-                self.stats[cu][name].local.add(lv, r, classifier=False, ref_sums=ref_sums.get(name))
+        return env
 
     def _measured(self, ref, feeds, torch_run):  # pragma: no cover - macOS only
         """Core ML runs: outputs and the intermediates Core ML returns, against the reference run."""
@@ -470,7 +592,7 @@ class Diagnosis:
         def on_ref(r):
             if isinstance(r.value, np.ndarray) and np.issubdtype(r.value.dtype, np.floating):
                 keep[r.name] = np.array(r.value, copy=True)
-                self._on_ref(None, r.name, torch.from_numpy(keep[r.name]), torch_run)
+                drain(self._on_ref(None, r.name, torch.from_numpy(keep[r.name]), torch_run))
 
         ref_outs = ref.predict(feeds, on_op=on_ref)
         dev_outs = {}
@@ -656,6 +778,23 @@ def _paired_layer_map(conv: Conversion, ref_map, ref_of: dict):
     if not chains:
         return conv.layer_map()  # no mapping to borrow: scopes resolved against the module tree
     return LayerMap(chains=chains, module_outputs=module_outputs(conv.program, chains), source=ref_map.source)
+
+
+#: mlmodel -> compute unit -> its compiled emulator (a re-run diagnosis compiles nothing again)
+_EMULATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _emulated(mlmodel, compute_unit: str, module_of):
+    """The emulated model of ``mlmodel`` under ``compute_unit``, compiled once per mlmodel.
+
+    ``module_of`` names the torch module of each op; for one mlmodel it is always the same
+    mapping (the conversion's), so the first one compiled is kept.
+    """
+    per_unit = _EMULATED.setdefault(mlmodel, {})
+    model = per_unit.get(compute_unit)
+    if model is None:
+        model = per_unit[compute_unit] = rt.EmulatorRuntime(mlmodel, compute_unit, module_of=module_of).model
+    return model
 
 
 def environment(runtime: str) -> dict:

@@ -10,6 +10,7 @@ tell what *would* happen if a tensor were stored in FP16.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,46 +35,38 @@ class RangeStats:
 
     def add(self, x) -> None:
         if isinstance(x, torch.Tensor):
-            self._add_torch(x.detach())
-            return
+            if not x.is_floating_point():
+                return
+            x = x.detach().reshape(-1)
+            x = (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
         x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.floating):
+        if x.dtype.kind != "f":
             return
-        a = np.abs(x.astype(np.float64, copy=False)).reshape(-1)
-        fin = np.isfinite(a)
-        self.nonfinite += int((~fin).sum())
-        a = a[fin]
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
         self.n += int(x.size)
-        if not a.size:
+        if not x.size:
             return
-        self.max_abs = max(self.max_abs, float(a.max()))
-        nz = a[a > 0]
-        if nz.size:
-            self.min_abs_nonzero = min(self.min_abs_nonzero, float(nz.min()))
-        self.overflow += int((a > FP16_MAX).sum())
-        self.subnormal += int(((nz < FP16_MIN_NORMAL)).sum())
-        self.flush += int((nz < FP16_MIN_SUBNORMAL).sum())
-
-    def _add_torch(self, x: torch.Tensor) -> None:
-        if not x.is_floating_point():
-            return
-        a = x.reshape(-1).float().abs()
-        self.n += a.numel()
-        if a.numel() and not math.isfinite(float(a.max())):  # NaN and inf propagate into max
-            fin = torch.isfinite(a)
+        # numpy, single-threaded: a few passes over one tensor are cheaper than torch's thread start-up
+        b = np.abs(x.reshape(-1))
+        top = float(b.max())
+        if not math.isfinite(top):  # NaN and inf propagate into max: mask only then
+            fin = np.isfinite(b)
             self.nonfinite += int((~fin).sum())
-            a = a[fin]
-        if not a.numel():
-            return
-        self.max_abs = max(self.max_abs, float(a.max()))
-        positive = a > 0
-        smallest = float(torch.where(positive, a, torch.inf).min())
+            b = b[fin]
+            if not b.size:
+                return
+            top = float(b.max())
+        self.max_abs = max(self.max_abs, top)
+        if top > FP16_MAX:  # only then count (overflow is rare)
+            self.overflow += int(np.count_nonzero(b > FP16_MAX))
+        smallest = _min_nonzero(b)
         if math.isfinite(smallest):
             self.min_abs_nonzero = min(self.min_abs_nonzero, smallest)
-        self.overflow += int((a > FP16_MAX).sum())
         if smallest < FP16_MIN_NORMAL:  # only then count (most tensors have no tiny values)
-            self.subnormal += int((positive & (a < FP16_MIN_NORMAL)).sum())
-            self.flush += int((positive & (a < FP16_MIN_SUBNORMAL)).sum())
+            zeros = int(np.count_nonzero(b == 0))
+            self.subnormal += int(np.count_nonzero(b < FP16_MIN_NORMAL)) - zeros
+            self.flush += int(np.count_nonzero(b < FP16_MIN_SUBNORMAL)) - zeros
 
     def result(self) -> dict:
         n = max(self.n, 1)
@@ -88,14 +81,39 @@ class RangeStats:
         }
 
 
+def _min_nonzero(b: np.ndarray) -> float:
+    """Smallest nonzero value of a finite, non-negative float32/64 array (inf if all are 0), in one pass.
+
+    Non-negative floats order like their bit patterns; subtracting 1 from the bits (as unsigned)
+    sends 0 to the largest pattern, so the minimum skips zeros without a mask.
+    """
+    signed, unsigned = (np.int32, np.uint32) if b.dtype == np.float32 else (np.int64, np.uint64)
+    b = np.ascontiguousarray(b)
+    m = (b.view(signed) - signed(1)).view(unsigned).min()
+    if m == np.iinfo(unsigned).max:
+        return math.inf
+    return float(np.array(m + unsigned(1), dtype=unsigned).view(b.dtype)[()])
+
+
 def range_of(x) -> dict:
     s = RangeStats()
     s.add(x)
     return s.result()
 
 
+#: program -> its const_ranges rows (weights do not change; diagnoses repeat)
+_CONST_RANGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def const_ranges(program) -> list[dict]:
     """FP16 range of every floating weight/constant of a program, with the ops using it (by output var)."""
+    rows = _CONST_RANGES.get(program)
+    if rows is None:
+        rows = _CONST_RANGES[program] = _const_ranges(program)
+    return [dict(r, used_by=list(r["used_by"])) for r in rows]
+
+
+def _const_ranges(program) -> list[dict]:
     rows = []
     for f in program.functions.values():
         for op in f.operations:

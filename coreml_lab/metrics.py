@@ -52,38 +52,50 @@ class ErrorStats:
     rows_agree: int = 0
     ref_nonfinite: int = 0
 
-    def add(self, a, r, classifier: bool | None = None, ref_sums=None) -> None:
-        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and \
-                self._add_fast(a, r, classifier, ref_sums):
-            return
+    def add(self, a, r, classifier: bool | None = None, ref_sums=None, hist: "ErrorHistogram | None" = None) -> None:
+        """Accumulate ``a`` against ``r``; ``hist`` (if given) takes the same differences."""
+        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and not classifier \
+                and a.numel() == r.numel() and a.numel():
+            if self._add_fast(a, r, ref_sums, hist):
+                return
+            a, r = paired_flat(a.detach(), r.detach())  # inf/NaN inside: the exact path, in numpy
+            a, r, classifier = a.float().numpy(), r.float().numpy(), False
         if isinstance(a, torch.Tensor):
-            a = a.detach().numpy()
+            a = a.detach().float().numpy()
         if isinstance(r, torch.Tensor):
-            r = r.detach().numpy()
-        a = np.asarray(a, dtype=np.float64)
-        r = np.asarray(r, dtype=np.float64)
+            r = r.detach().float().numpy()
+        self._add_exact(np.asarray(a), np.asarray(r), classifier, hist)
+
+    def _add_exact(self, a: np.ndarray, r: np.ndarray, classifier, hist) -> None:
+        """Any values (inf/NaN included): finite pairs are compared in float64, the rest counted."""
+        if hist is not None:
+            hist.add(a, r)
         if a.shape != r.shape:
             if a.size == r.size:
                 a = a.reshape(r.shape)
             else:
                 raise ValueError(f"cannot compare shapes {a.shape} and {r.shape}")
         ref_ok = np.isfinite(r)
-        val_ok = np.isfinite(a)
-        self.ref_nonfinite += int((~ref_ok).sum())
-        bad = ref_ok & ~val_ok
-        self.n_nonfinite += int(bad.sum())
-        both = ref_ok & val_ok
-        av, rv = a[both], r[both]
-        d = av - rv
+        both = np.isfinite(a)
+        both &= ref_ok
+        n_ref_ok, n_both = int(np.count_nonzero(ref_ok)), int(np.count_nonzero(both))
         self.n += int(r.size)
-        if d.size:
-            absd = np.abs(d)
-            self.sum_abs += float(absd.sum())
-            self.max_abs = max(self.max_abs, float(absd.max()))
-            self.sum_sq_err += float((d * d).sum())
-            self.sum_sq_ref += float((rv * rv).sum())
-            self.sum_sq_val += float((av * av).sum())
+        self.ref_nonfinite += int(r.size) - n_ref_ok
+        self.n_nonfinite += n_ref_ok - n_both
+        if n_both == r.size:
+            av, rv = a.reshape(-1), r.reshape(-1)
+        else:
+            av, rv = a[both], r[both]
+        av, rv = av.astype(np.float64, copy=False), rv.astype(np.float64, copy=False)
+        if n_both:
+            d = av - rv
+            self.sum_sq_err += float(np.square(d).sum())
+            self.sum_sq_ref += float(np.square(rv).sum())
+            self.sum_sq_val += float(np.square(av).sum())
             self.sum_prod += float((av * rv).sum())
+            np.abs(d, out=d)
+            self.sum_abs += float(d.sum())
+            self.max_abs = max(self.max_abs, float(d.max()))
             self.max_ref = max(self.max_ref, float(np.abs(rv).max()))
         if classifier is None:
             classifier = r.ndim >= 1 and r.shape[-1] > 1 and r.ndim <= 2
@@ -94,31 +106,54 @@ class ErrorStats:
             self.rows += ra.shape[0]
             self.rows_agree += int(((ra.argmax(-1) == np.nan_to_num(aa).argmax(-1)) & row_ok).sum())
 
-    def _add_fast(self, a: torch.Tensor, r: torch.Tensor, classifier, ref_sums=None) -> bool:
-        """All-finite tensors (the common case): a few vectorised torch passes in FP32.
+    def _add_fast(self, a: torch.Tensor, r: torch.Tensor, ref_sums=None, hist=None) -> bool:
+        """All-finite tensors (the common case): few vectorised torch passes in FP32, sums in float64.
 
-        ``a . r`` comes from ``(a.a + r.r - d.d) / 2``; ``ref_sums`` = (r.r, max |r|) lets a
-        caller comparing several results against one reference compute those once.
+        With ``d = a - r``: ``a.r = r.r + r.d`` and ``a.a = r.r + 2 r.d + d.d``, so ``a`` is read
+        once; ``ref_sums`` = (r.r, max |r|) lets a caller comparing several results against one
+        reference compute those once.
         """
-        if classifier or a.numel() != r.numel() or a.numel() == 0:
-            return False
-        a = a.detach().reshape(-1).float()
-        r = r.detach().reshape(-1).float()
-        d = a - r
+        if a is r and ref_sums is not None and math.isfinite(ref_sums[0]):  # the reference itself
+            rr, rmax = ref_sums
+            self.n += a.numel()
+            self.sum_sq_ref += rr
+            self.sum_sq_val += rr
+            self.sum_prod += rr
+            self.max_ref = max(self.max_ref, rmax)
+            if hist is not None:
+                hist.exact += ErrorHistogram.sampled_count(a.numel())
+            return True
+        a, r = paired_flat(a.detach(), r.detach())
+        if r.dtype != torch.float32:
+            r = r.float()
+        d = torch.sub(a, r)  # an FP16 value is promoted inside the subtraction
+        if d.dtype != torch.float32:
+            d = d.float()
         dd = float(torch.dot(d, d))
-        aa = float(torch.dot(a, a))
+        rd = float(torch.dot(r, d))
         rr, rmax = ref_sums if ref_sums is not None else reference_sums(r)
-        if not (math.isfinite(dd) and math.isfinite(aa) and math.isfinite(rr)):
+        if not (math.isfinite(dd) and math.isfinite(rd) and math.isfinite(rr)):
             return False  # inf/NaN in a value (it propagates into the sums) or FP32 overflow: the exact path
-        self.n += a.numel()
-        self.sum_abs += float(d.abs().sum())
-        self.max_abs = max(self.max_abs, max_abs(d))
+        d = d.abs_()
+        self.n += d.numel()
+        self.sum_abs += float(d.sum())
+        self.max_abs = max(self.max_abs, float(d.max()))
         self.sum_sq_err += dd
         self.sum_sq_ref += rr
-        self.sum_sq_val += aa
-        self.sum_prod += (aa + rr - dd) / 2
+        self.sum_sq_val += rr + 2 * rd + dd
+        self.sum_prod += rr + rd
         self.max_ref = max(self.max_ref, rmax)
+        if hist is not None:
+            hist.add_abs_diff(d)
         return True
+
+    def merge(self, other: "ErrorStats") -> None:
+        """Add another accumulator's counts (one measurement shared by several compute units)."""
+        for f in ("n", "n_nonfinite", "sum_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_val", "sum_prod", "rows",
+                  "rows_agree", "ref_nonfinite"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_ref = max(self.max_ref, other.max_ref)
 
     def result(self) -> dict:
         compared = self.n - self.ref_nonfinite
@@ -144,10 +179,32 @@ class ErrorStats:
 
 def reference_sums(r: torch.Tensor) -> tuple[float, float]:
     """(r.r, max |r|) of a reference tensor, for :meth:`ErrorStats.add`'s ``ref_sums``."""
-    r = r.detach().reshape(-1).float()
+    r = storage_order(r.detach()).float()
     if not r.numel():
         return 0.0, 0.0
     return float(torch.dot(r, r)), max_abs(r)
+
+
+def storage_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-d view in memory order when it is dense (a transposed view needs no copy);
+    otherwise flattened with a copy. For whole-tensor sums, where order does not matter."""
+    if t.is_contiguous():
+        return t.view(-1)
+    perm = sorted(range(t.ndim), key=lambda i: -t.stride(i))
+    p = t.permute(perm)
+    return p.view(-1) if p.is_contiguous() else t.reshape(-1)
+
+
+def paired_flat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-d views of two same-sized tensors whose elements pair up.
+
+    Emulated values are often views (a transpose in the diagnosed program is a transpose in
+    the reference too): when both share one dense layout they are read in memory order,
+    without the slow strided copy that flattening in logical order would make.
+    """
+    if a.shape == b.shape and a.stride() == b.stride():
+        return storage_order(a), storage_order(b)  # same layout: the same order, view or copy
+    return a.reshape(-1), b.reshape(-1)
 
 
 def max_abs(t: torch.Tensor) -> float:
@@ -167,19 +224,38 @@ class DiffStats:
         self.max_abs = self.max_ref = 0.0
         self.n = self.nonfinite = 0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a = a.detach().reshape(-1).float()
-        b = b.detach().reshape(-1).float()
-        self.n += a.numel()
-        d = max_abs(a - b)
+    def add(self, a: torch.Tensor, b: torch.Tensor, max_b: float | None = None) -> None:
+        """``max_b`` (max |b| over finite values), when known, saves a pass; ``a is b`` costs nothing."""
+        self.merge(DiffStats.measure(a, b, max_b))
+
+    @staticmethod
+    def measure(a: torch.Tensor, b: torch.Tensor, max_b: float | None = None) -> "DiffStats":
+        """The divergence of one pair alone (to :meth:`merge` into several accumulators)."""
+        out = DiffStats()
+        out.n = a.numel()
+        if a is b and max_b is not None:
+            out.max_ref = max_b
+            return out
+        a, b = paired_flat(a.detach(), b.detach())
+        a = a.float()  # the subtraction promotes an FP16 b itself
+        d = max_abs(torch.sub(a, b))
         if not math.isfinite(d):
+            b = b.float()
             fa, fb = torch.isfinite(a), torch.isfinite(b)
-            self.nonfinite += int((fa != fb).sum())
+            out.nonfinite = int((fa != fb).sum())
             both = fa & fb
             a, b = a[both], b[both]
             d = max_abs(a - b)
-        self.max_abs = max(self.max_abs, d)
-        self.max_ref = max(self.max_ref, max_abs(b))
+            max_b = None
+        out.max_abs = d
+        out.max_ref = max_b if max_b is not None else max_abs(b)
+        return out
+
+    def merge(self, other: "DiffStats") -> None:
+        self.n += other.n
+        self.nonfinite += other.nonfinite
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_ref = max(self.max_ref, other.max_ref)
 
     def result(self) -> dict:
         rel = self.max_abs / self.max_ref if self.max_ref else (0.0 if self.max_abs == 0 else math.inf)
@@ -201,7 +277,7 @@ class ErrorHistogram:
     shape of a distribution needs no more); the metrics of :class:`ErrorStats` use every value.
     """
 
-    SAMPLE = 65536
+    SAMPLE = 4096
 
     def __init__(self):
         self.counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
@@ -210,16 +286,32 @@ class ErrorHistogram:
         self.below = 0
         self.above = 0
 
+    @classmethod
+    def sampled_count(cls, n: int) -> int:
+        """How many of ``n`` values :meth:`sample` keeps."""
+        return len(range(0, n, n // cls.SAMPLE)) if n > cls.SAMPLE else n
+
+    @classmethod
+    def sample(cls, x):
+        """The values a tensor contributes: all, or every ``len // SAMPLE``-th one."""
+        n = x.shape[0]
+        return x[::n // cls.SAMPLE] if n > cls.SAMPLE else x
+
     def add(self, a, r) -> None:
-        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor):
-            a, r = a.detach().reshape(-1), r.detach().reshape(-1)
-            if a.numel() > self.SAMPLE and a.numel() == r.numel():
-                step = a.numel() // self.SAMPLE
-                a, r = a[::step], r[::step]
-            self._add_torch(a.float(), r.float())
+        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and a.numel() == r.numel():
+            a, r = paired_flat(a.detach(), r.detach())
+            a, r = self.sample(a).float(), self.sample(r).float()
+            if not math.isfinite(float(r.sum())):  # inf/NaN propagate into the sum: mask only then
+                ok = torch.isfinite(r)
+                a, r = a[ok], r[ok]
+            if not math.isfinite(float(a.sum())):
+                fin = torch.isfinite(a)
+                self.nonfinite += int((~fin).sum())
+                a, r = a[fin], r[fin]
+            self._add_abs(torch.sub(a, r).abs_())
             return
-        a = np.asarray(a, dtype=np.float64).reshape(-1)
-        r = np.asarray(r, dtype=np.float64).reshape(-1)
+        a = self.sample(np.asarray(a).reshape(-1)).astype(np.float64)
+        r = self.sample(np.asarray(r).reshape(-1)).astype(np.float64)
         ok = np.isfinite(r)
         a, r = a[ok], r[ok]
         fin = np.isfinite(a)
@@ -232,25 +324,33 @@ class ErrorHistogram:
         self.above += int((logd >= HIST_EDGES[-1]).sum())
         self.counts += np.histogram(logd, bins=HIST_EDGES)[0]
 
-    def _add_torch(self, a: torch.Tensor, r: torch.Tensor) -> None:
-        if not math.isfinite(float(r.sum())):  # inf/NaN propagate into the sum: mask only then
-            ok = torch.isfinite(r)
-            a, r = a[ok], r[ok]
-        if not math.isfinite(float(a.sum())):
-            fin = torch.isfinite(a)
-            self.nonfinite += int((~fin).sum())
-            a, r = a[fin], r[fin]
-        d = (a - r).abs()
+    def add_abs_diff(self, d: torch.Tensor) -> None:
+        """Add finite absolute differences |a - r| (flat FP32), sampled like :meth:`add`."""
+        self._add_abs(self.sample(d))
+
+    def _add_abs(self, d: torch.Tensor) -> None:
+        # one bincount over slots: 0 = exact or below the first edge, 1..bins = the bins,
+        # bins+1 = at or above the last edge (numpy: a few thousand values, no thread start-up)
+        d = d.numpy()
         bins = len(HIST_EDGES) - 1
-        # one bincount, no boolean indexing: slot 0 = exact (log10 0 = -inf) and below the
-        # first edge, slots 1..bins = the bins, slot bins+1 = above the last edge
-        pos = ((torch.log10(d) - HIST_EDGES[0]) / (HIST_EDGES[1] - HIST_EDGES[0])).floor()
-        slots = torch.bincount((pos.clamp(-1, bins) + 1).long(), minlength=bins + 2).numpy()
-        exact = int((d == 0).sum())
+        pos = np.log10(np.maximum(d, np.float32(1e-30)))  # 0 (exact) lands below the first edge
+        pos -= HIST_EDGES[0]
+        pos *= 1.0 / (HIST_EDGES[1] - HIST_EDGES[0])
+        pos += 1.0
+        np.clip(pos, 0, bins + 1, out=pos)  # truncation below is floor (pos >= 0)
+        slots = np.bincount(pos.astype(np.intp), minlength=bins + 2)
+        exact = int(np.count_nonzero(d == 0))
         self.exact += exact
         self.below += int(slots[0]) - exact
-        self.above += int(slots[bins + 1])
         self.counts += slots[1:bins + 1]
+        self.above += int(slots[bins + 1])
+
+    def merge(self, other: "ErrorHistogram") -> None:
+        self.counts += other.counts
+        self.exact += other.exact
+        self.nonfinite += other.nonfinite
+        self.below += other.below
+        self.above += other.above
 
     def to_dict(self) -> dict:
         return {"counts": self.counts.tolist(), "exact": self.exact, "nonfinite": self.nonfinite,

@@ -25,32 +25,49 @@ class TorchRun:
         v = self.modules.get(path)
         return None if v is None else torch.from_numpy(v)
 
+    def take(self, path: str):
+        """Generator form of :meth:`module_output` (as :meth:`TorchPump.take`; never waits)."""
+        return self.module_output(path)
+        yield  # noqa: unreachable - makes this a generator
 
-class TorchStream:
-    """A torch FP32 forward run in a thread, handing module outputs over one at a time.
 
-    Hooked modules put their (first) output into a small queue; :meth:`module_output`
-    takes them in the order a consumer asks, so the consumer (the reference program,
-    op by op) and torch advance together and only a few module outputs are alive at
-    once. :meth:`finish` returns the run's outputs as a :class:`TorchRun`.
+class TorchPump:
+    """A torch FP32 forward that drives a consumer generator as module outputs appear.
+
+    The consumer (the reference program, op by op, with everything measured alongside)
+    asks for module outputs with ``yield from pump.take(path)``. The forward runs in the
+    calling thread; after each hooked module it resumes the consumer until the consumer
+    waits for an output torch has not produced yet. So torch and the consumer advance
+    together, only outputs produced ahead of their use are held, and no second thread
+    competes for the cores. :meth:`run` returns the consumer's result; :attr:`outputs`
+    then holds the forward's outputs as a :class:`TorchRun`.
     """
 
-    _DONE = object()
-
-    def __init__(self, model, tensors: Sequence[torch.Tensor], modules: Iterable[str], maxsize: int = 2):
-        import queue
-        import threading
-
-        self._queue: "queue.Queue" = queue.Queue(maxsize=maxsize)
+    def __init__(self, model, tensors: Sequence[torch.Tensor], modules: Iterable[str]):
+        self.model = model
+        self.tensors = [t.float() if t.is_floating_point() and t.dtype != torch.float32 else t for t in tensors]
+        self.modules = set(modules)
+        self.outputs: TorchRun | None = None
         self._stash: dict = {}
         self._finished = False
-        self._outputs = None
-        self._error: BaseException | None = None
-        tensors = [t.float() if t.is_floating_point() and t.dtype != torch.float32 else t for t in tensors]
-        named = dict(model.named_modules()) if isinstance(model, torch.nn.Module) else {}
+        self._consumer = None
+        self._waiting_for = None
+        self._result = None
+        self._done = False
+
+    def take(self, path: str):
+        """Generator: the output of module ``path`` (None if it never came), waiting for torch if needed."""
+        while path not in self._stash and not self._finished:
+            yield path
+        return self._stash.pop(path, None)
+
+    def run(self, consumer):
+        """Run the forward, resuming ``consumer`` (a generator) as outputs come; returns its result."""
+        self._consumer = consumer
+        named = dict(self.model.named_modules()) if isinstance(self.model, torch.nn.Module) else {}
         sent: set = set()
-        self._handles = []
-        for path in set(modules):
+        handles = []
+        for path in self.modules:
             mod = named.get(path)
             if mod is None:
                 continue
@@ -61,48 +78,41 @@ class TorchStream:
                 sent.add(path)
                 t = _first_tensor(out)
                 if t is not None:  # cloned: an in-place op later must not change what we compare
-                    self._queue.put((path, t.detach().clone()))
+                    self._stash[path] = t.detach().clone()
+                    self._pump()
 
-            self._handles.append(mod.register_forward_hook(hook))
-
-        def work():
-            try:
-                with torch.no_grad():
-                    self._outputs = flatten_outputs(model(*tensors))
-            except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
-                self._error = exc
-            finally:
-                self._queue.put((None, self._DONE))
-
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
-
-    def module_output(self, path: str):
-        """The output of module ``path`` (None if it never came), waiting for torch if needed."""
-        if path in self._stash:
-            return self._stash.pop(path)
-        while not self._finished:
-            name, value = self._queue.get()
-            if value is self._DONE:
-                self._finished = True
-                break
-            if name == path:
-                return value
-            self._stash[name] = value
-        return None
-
-    def finish(self) -> TorchRun:
-        while not self._finished:
-            name, value = self._queue.get()
-            if value is self._DONE:
-                self._finished = True
-        self._thread.join()
-        for h in self._handles:
-            h.remove()
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self._pump()
+                out = self.model(*self.tensors)
+        finally:
+            for h in handles:
+                h.remove()
+        self._finished = True
+        self._pump()
         self._stash.clear()
-        if self._error is not None:
-            raise self._error
-        return TorchRun([o.detach().cpu().numpy() for o in self._outputs])
+        self.outputs = TorchRun([o.detach().cpu().numpy() for o in flatten_outputs(out)])
+        return self._result
+
+    def _pump(self) -> None:
+        while not self._done:
+            if self._waiting_for is not None and self._waiting_for not in self._stash and not self._finished:
+                return
+            try:
+                self._waiting_for = next(self._consumer)
+            except StopIteration as stop:
+                self._done = True
+                self._result = stop.value
+
+
+def drain(gen):
+    """Run a consumer generator that never has to wait (no torch forward to drive it); its result."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 def flatten_outputs(out) -> list[torch.Tensor]:
@@ -131,8 +141,19 @@ def _first_tensor(out):
 
 
 def double_copy(model):
-    """An FP64 copy of ``model`` for golden runs (the user's model is left as it is)."""
-    return copy.deepcopy(model).double()
+    """An FP64 copy of ``model`` for golden runs (the user's model is left as it is).
+
+    Floating parameters and buffers go straight to FP64 (no FP32 copy made first); tied
+    weights stay tied.
+    """
+    memo: dict = {}
+    if isinstance(model, torch.nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point() and id(t) not in memo:
+                d = t.detach().double()
+                memo[id(t)] = torch.nn.Parameter(d, requires_grad=t.requires_grad) \
+                    if isinstance(t, torch.nn.Parameter) else d
+    return copy.deepcopy(model, memo).double()
 
 
 def run_torch(model, tensors: Sequence[torch.Tensor], modules: Iterable[str] = (),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -263,3 +264,119 @@ def test_fast_torch_statistics_match_the_exact_numpy_path():
     rf.add(x)
     re_.add(x.numpy())
     assert rf.result() == pytest.approx(re_.result(), nan_ok=True)
+
+
+def _frames(rep):
+    return {"layers": rep.layers, "outputs": rep.outputs, "divergence": rep.divergence,
+            "fp16_range": rep.fp16_range, "references": rep.references, "torch_layers": rep.torch_layers}
+
+
+@pytest.mark.parametrize("name,precision", [("deep_residual", "fp16"), ("transformer_mask", "fp16"),
+                                            ("ne_hostile", "fp16"), ("fp16_overflow", "fp16"),
+                                            ("cu_classifier", "fp32")])
+def test_computing_shared_steps_once_changes_no_number(name, precision, monkeypatch):
+    """Steps several units (or a unit and the reference) compute identically run once: the report
+    must be bit for bit the one where every unit runs every step."""
+    from coreml_lab.diagnosis import Diagnosis
+    from coreml_lab.emulator.lockstep import SharedRun
+
+    model, inputs, _ = sample_models.build(name)
+    conv = cl.convert(model, inputs, cl.ConversionOptions(precision=precision))
+    counts = []
+    real_step = SharedRun.step
+
+    def counting_step(self, index, reuse=None):
+        out = real_step(self, index, reuse)
+        counts.append((self.shared_steps, self.reused_steps))
+        return out
+
+    monkeypatch.setattr(SharedRun, "step", counting_step)
+    fast = cl.diagnose(conv, progress=False)
+    shared, reused = counts[-1]
+    monkeypatch.setattr(Diagnosis, "reuse", False)
+    slow = cl.diagnose(conv, progress=False)
+    assert counts[-1] == (0, 0)
+    assert shared + reused > 0  # the fast run really took shortcuts
+    for key, frame in _frames(fast).items():
+        pd.testing.assert_frame_equal(frame, _frames(slow)[key], check_exact=True, obj=key)
+    assert fast.histograms.keys() == slow.histograms.keys()
+    for k in fast.histograms:
+        assert fast.histograms[k] == slow.histograms[k], k
+
+
+def test_a_conversion_is_diagnosed_as_made():
+    model, inputs, _ = sample_models.build("fp16_overflow")
+    opts = cl.ConversionOptions(precision="fp16")
+    conv = cl.convert(model, inputs, opts)
+    via_model = cl.diagnose(model, inputs, opts, progress=False)
+    via_conv = cl.diagnose(conv, progress=False)
+    pd.testing.assert_frame_equal(via_model.layers, via_conv.layers)
+    assert via_conv.culprits(1).iloc[0].module == sample_models.fp16_overflow.OVERFLOW_MODULE
+    with pytest.raises(ValueError, match="diagnoses the conversion as made"):
+        cl.diagnose(conv, options=cl.ConversionOptions(precision="fp32"), progress=False)
+    with pytest.raises(ValueError, match="own example inputs"):
+        cl.diagnose(conv, inputs, progress=False)
+
+
+def test_torch_pump_hands_module_outputs_to_a_waiting_consumer():
+    from coreml_lab.reference import TorchPump
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    x = torch.randn(5, 4)
+    seen = []
+
+    def consumer(pump):
+        for path in ("2", "0", "missing"):  # out of torch's order, and a module that never runs
+            seen.append((path, (yield from pump.take(path))))
+        return "done"
+
+    pump = TorchPump(model, [x], {"0", "2"})
+    assert pump.run(consumer(pump)) == "done"
+    with torch.no_grad():
+        want0 = model[0](x)
+        want2 = model(x)
+    assert [p for p, _ in seen] == ["2", "0", "missing"]
+    assert torch.equal(seen[0][1], want2) and torch.equal(seen[1][1], want0) and seen[2][1] is None
+    np.testing.assert_array_equal(pump.outputs.outputs[0], want2.numpy())
+
+
+def test_statistics_with_infinities_match_a_plain_float64_computation():
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(4, 64, generator=g) * 10
+    r[0, :8] = -3.4e38          # a finite FP32 mask value ...
+    a = r.half()                # ... that overflows FP16 to -inf
+    a[1, 3] = float("nan")
+    r[2, 5] = float("inf")      # a non-finite reference element is not compared
+    got = metrics.ErrorStats()
+    got.add(a, r, classifier=False)
+    res = got.result()
+    a64, r64 = a.double().numpy().ravel(), r.double().numpy().ravel()
+    ok = np.isfinite(a64) & np.isfinite(r64)
+    d = a64[ok] - r64[ok]
+    assert res["nonfinite_frac"] == pytest.approx((np.isfinite(r64) & ~np.isfinite(a64)).sum() / r64.size)
+    assert res["max_abs_err"] == math.inf  # any non-finite value where the reference is finite
+    assert got.max_abs == pytest.approx(np.abs(d).max()) and got.sum_abs == pytest.approx(np.abs(d).sum())
+    assert got.sum_prod == pytest.approx((a64[ok] * r64[ok]).sum(), rel=1e-9)
+    assert got.ref_nonfinite == 1
+
+
+def test_fp16_range_counts_match_a_brute_force_count():
+    from coreml_lab.fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, RangeStats
+
+    x = torch.tensor([0.0, -0.0, 1e-9, -3e-5, 2e-8, 1.0, -7e4, 1e5, float("inf"), float("nan")] * 3)
+    got = RangeStats()
+    got.add(x)
+    got.add(x[:4].numpy().astype(np.float16))  # FP16 arrays count too
+    v = np.concatenate([x.numpy(), x[:4].numpy().astype(np.float16).astype(np.float32)]).astype(np.float64)
+    f = v[np.isfinite(v)]
+    a = np.abs(f)
+    nz = a[a > 0]
+    res = got.result()
+    n = v.size
+    assert res["elements"] == n
+    assert res["nonfinite_frac"] == pytest.approx((~np.isfinite(v)).sum() / n)
+    assert res["max_abs"] == pytest.approx(a.max())
+    assert res["min_abs_nonzero"] == pytest.approx(nz.min(), rel=1e-6)
+    assert res["overflow_frac"] == pytest.approx((a > FP16_MAX).sum() / n)
+    assert res["subnormal_frac"] == pytest.approx((nz < FP16_MIN_NORMAL).sum() / n)
+    assert res["flush_frac"] == pytest.approx((nz < FP16_MIN_SUBNORMAL).sum() / n)

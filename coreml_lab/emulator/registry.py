@@ -23,21 +23,34 @@ class Kernel:
     fn: Callable
     #: ops whose kernels never look at float precision (shape/index plumbing)
     exact: bool = False
+    #: precision fields the result can depend on besides the output storage dtype (the default:
+    #: all). Lets one computation serve several compute units whose profiles differ elsewhere.
+    uses: frozenset = frozenset({"compute", "accumulate", "hazards"})  # = ALL_USES
+    #: the compute dtype matters only by rounding wider inputs to it: with every float input
+    #: held in FP16, FP16 and FP32 compute give the same result (one torch operation that
+    #: computes in float and rounds once to the FP16 output)
+    compute_free_on_fp16: bool = False
 
 
 _KERNELS: dict[str, Kernel] = {}
 
 
-def kernel(*op_types: str, family: str, exact: bool = False):
-    """Register ``fn(call)`` as the kernel of each op type in ``op_types``."""
+ALL_USES = frozenset({"compute", "accumulate", "hazards"})
+
+
+def kernel(*op_types: str, family: str, exact: bool = False, uses=ALL_USES, compute_free_on_fp16: bool = False):
+    """Register ``fn(call)`` as the kernel of each op type in ``op_types`` (flags: see :class:`Kernel`)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    uses = frozenset(uses)
+    if uses - ALL_USES:
+        raise ValueError(f"unknown precision fields {sorted(uses - ALL_USES)}; expected some of {sorted(ALL_USES)}")
 
     def register(fn):
         for op_type in op_types:
             if op_type in _KERNELS and _KERNELS[op_type].fn is not fn:
                 raise ValueError(f"two kernels registered for MIL op {op_type!r}")
-            _KERNELS[op_type] = Kernel(op_type, family, fn, exact)
+            _KERNELS[op_type] = Kernel(op_type, family, fn, exact, uses, compute_free_on_fp16)
         return fn
 
     return register

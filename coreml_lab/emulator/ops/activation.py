@@ -59,12 +59,12 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- piecewise linear
 
 
-@kernel("relu", family="activation")
+@kernel("relu", family="activation", uses={"compute"}, compute_free_on_fp16=True)
 def relu(call):
     return torch.relu(call.tensor("x"))
 
 
-@kernel("relu6", family="activation")
+@kernel("relu6", family="activation", uses={"compute"}, compute_free_on_fp16=True)
 def relu6(call):
     return torch.clamp(call.tensor("x"), 0.0, 6.0)
 

@@ -137,7 +137,7 @@ def _operands(call):
     return x, call.tensor("weight", dtype=x.dtype)
 
 
-@kernel("conv", family="conv")
+@kernel("conv", family="conv", uses={"accumulate"})
 def conv(call):
     x, weight = _operands(call)
     return _conv_call(call, x, weight)

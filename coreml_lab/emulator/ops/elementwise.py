@@ -66,13 +66,13 @@ def _xy(call):
     return x, y
 
 
-@kernel(*_BINARY, family="elementwise")
+@kernel(*_BINARY, family="elementwise", uses={"compute"}, compute_free_on_fp16=True)
 def binary(call):
     x, y = _xy(call)
     return _BINARY[call.op.op_type](x, y)
 
 
-@kernel("real_div", family="elementwise")
+@kernel("real_div", family="elementwise", uses={"compute"}, compute_free_on_fp16=True)
 def real_div(call):
     x, y = _xy(call)
     if not x.is_floating_point():
@@ -113,7 +113,7 @@ def pow_(call):
     return torch.where(neg, small, pos)
 
 
-@kernel(*_COMPARE, family="elementwise")
+@kernel(*_COMPARE, family="elementwise", uses={"compute"}, compute_free_on_fp16=True)
 def compare(call):
     x, y = _xy(call)
     return _COMPARE[call.op.op_type](x, y)
@@ -129,7 +129,7 @@ def logical_not(call):
     return torch.logical_not(call.tensor("x").bool())
 
 
-@kernel(*_UNARY, family="elementwise")
+@kernel(*_UNARY, family="elementwise", uses={"compute"}, compute_free_on_fp16=True)
 def unary(call):
     return _UNARY[call.op.op_type](call.tensor("x"))
 
@@ -175,7 +175,7 @@ def threshold(call):
     return torch.maximum(x, torch.tensor(call.float("alpha"), dtype=x.dtype))
 
 
-@kernel("cast", family="elementwise")
+@kernel("cast", family="elementwise", uses=())
 def cast(call):
     x = call.raw("x")
     declared = call.declared(0)

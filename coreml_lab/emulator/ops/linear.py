@@ -40,7 +40,7 @@ def _common_float(call, *ts):
     return list(ts)
 
 
-@kernel("linear", family="linear")
+@kernel("linear", family="linear", uses={"accumulate"})
 def linear(call):
     # floats are fetched in the accumulation dtype: same values, and constant weights are
     # converted once and cached instead of on every run
@@ -59,7 +59,7 @@ def linear(call):
     return numerics.linear(x, w, b, call.accumulate)
 
 
-@kernel("matmul", family="linear")
+@kernel("matmul", family="linear", uses={"compute", "accumulate"}, compute_free_on_fp16=True)
 def matmul(call):
     x = call.tensor("x")
     y = call.tensor("y")

@@ -1,0 +1,194 @@
+"""One program under several device profiles at once, each step computed once where they agree.
+
+A diagnosis runs the same program for every compute unit, and re-runs each op on
+reference inputs. Much of that work is the same computation twice: the GPU and the
+Neural Engine profiles both hold values in FP16 and both accumulate convolutions
+in FP32, so a conv (or add, relu, reshape ...) fed the same input tensors gives the
+same tensor on both. :func:`numeric_signature` says what a step's result depends on
+besides its input values; steps with equal signatures and the very same input
+tensors are computed once and the result handed to each unit. Sharing is exact:
+a shared value is bit for bit what each unit would have computed itself (the
+tests run diagnoses with and without sharing and compare every number).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .interpreter import Interpreter, Step, _Const
+
+
+def var_input_names(step: Step) -> tuple[str, ...]:
+    """Names of the step's non-constant inputs, in input order (tuple members included)."""
+    names = []
+    for src in step.inputs.values():
+        for s in (src if isinstance(src, tuple) else (src,)):
+            if isinstance(s, str):
+                names.append(s)
+    return tuple(names)
+
+
+def numeric_signature(step: Step, env) -> tuple | None:
+    """Everything ``step``'s result depends on besides its input values (None: never shared).
+
+    The op itself (its constants and parameters), the storage dtype of each output, and the
+    precision fields the kernel uses (:attr:`..registry.Kernel.uses`); the compute dtype drops
+    out for a ``compute_free_on_fp16`` kernel whose float inputs are all held in FP16. Steps
+    with nested blocks (cond, while_loop) run other steps under their own profile and are
+    never shared.
+    """
+    if step.blocks:
+        return None
+    p, k = step.precision, step.kernel
+    uses = k.uses
+    compute = p.compute if "compute" in uses and not (k.compute_free_on_fp16 and _float_inputs_fp16(step, env)) \
+        else None
+    return (id(step.op), tuple(s for _, _, s in step.outputs), compute,
+            p.accumulate if "accumulate" in uses else None, step.hazards if "hazards" in uses else None)
+
+
+def _float_inputs_fp16(step: Step, env) -> bool:
+    for src in step.inputs.values():
+        for s in (src if isinstance(src, tuple) else (src,)):
+            if isinstance(s, _Const):
+                if isinstance(s.value, float) or np.asarray(s.value).dtype.kind == "f" \
+                        and np.asarray(s.value).dtype != np.float16:
+                    return False
+                continue
+            v = env[s]
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float16:
+                return False
+    return True
+
+
+def share_key(step: Step, env, names: tuple[str, ...]):
+    """Key under which two units' runs of ``step`` give the same result (None: not shareable).
+
+    Input values are compared by identity: every value compared is alive in its unit's
+    environment, so an id cannot be reused while the key is in use.
+    """
+    sig = numeric_signature(step, env)
+    if sig is None:
+        return None
+    return sig, tuple(id(env[n]) for n in names)
+
+
+def same_computation(step: Step, other: Step, paired: dict) -> bool:
+    """Whether ``step`` computes exactly what ``other`` (a step of another program) computes,
+    given that each of its var inputs holds the value ``paired`` names in the other program.
+
+    Same op type and kernel, same precision, output storage and hazards, paired var inputs,
+    and constants of equal value in the dtype the kernel reads them in. Kernels that read
+    the declared output type (cast, weight decompression) and steps with nested blocks are
+    never the same. An FP16 program run on the CPU computes like its FP32 twin whenever the
+    weights are exactly representable in FP16.
+    """
+    if (step.op.op_type != other.op.op_type or step.kernel is not other.kernel or step.blocks or other.blocks
+            or step.kernel.family == "constexpr" or step.op.op_type == "cast"
+            or step.precision != other.precision or step.hazards != other.hazards
+            or [s for _, _, s in step.outputs] != [s for _, _, s in other.outputs]
+            or set(step.inputs) != set(other.inputs)):
+        return False
+    compute = step.precision.compute_dtype
+    for name, src in step.inputs.items():
+        osrc = other.inputs[name]
+        pairs = zip(src, osrc) if isinstance(src, tuple) and isinstance(osrc, tuple) and len(src) == len(osrc) \
+            else [(src, osrc)] if not isinstance(src, tuple) and not isinstance(osrc, tuple) else None
+        if pairs is None:
+            return False
+        for a, b in pairs:
+            if isinstance(a, str) or isinstance(b, str):
+                if not (isinstance(a, str) and isinstance(b, str) and paired.get(a) == b):
+                    return False
+            elif not _same_const(a, b, compute):
+                return False
+    return True
+
+
+def _same_const(a: _Const, b: _Const, compute: torch.dtype) -> bool:
+    va, vb = np.asarray(a.value), np.asarray(b.value)
+    if va.shape != vb.shape:
+        return False
+    if va.dtype.kind == "f" and vb.dtype.kind == "f":
+        # kernels read float constants in the compute dtype
+        dt = torch.empty(0, dtype=compute).numpy().dtype
+        return bool(np.array_equal(va.astype(dt), vb.astype(dt)))
+    return va.dtype == vb.dtype and bool(np.array_equal(va, vb))
+
+
+class SharedRun:
+    """Runs interpreters of one MIL function (one per compute unit) step by step, sharing steps.
+
+    ``start(feeds)``, then ``step(i)`` for each step index in order (it returns
+    ``{unit: output values}``), then ``finish()`` for each unit's program outputs.
+    :attr:`shared_steps` counts the unit-steps that reused another unit's result, and
+    :attr:`reused_steps` those that a ``reuse`` hook supplied.
+    """
+
+    def __init__(self, interpreters: dict[str, Interpreter], share: bool = True):
+        if not interpreters:
+            raise ValueError("SharedRun needs at least one interpreter")
+        self.interpreters = interpreters
+        self.share = share
+        self.plans = {cu: interp.main for cu, interp in interpreters.items()}
+        first = next(iter(self.plans.values()))
+        for plan in self.plans.values():
+            if [s.op for s in plan.steps] != [s.op for s in first.steps]:
+                raise ValueError("SharedRun: the interpreters do not run the same program")
+        self.n_steps = len(first.steps)
+        self.names = [var_input_names(s) for s in first.steps]
+        self.shared_steps = 0
+        self.reused_steps = 0
+        self.envs: dict = {}
+
+    def start(self, feeds: dict[str, dict]) -> None:
+        """Begin a run on each unit's feeds (unit -> input name -> tensor)."""
+        self.envs = {cu: {name: feeds[cu][name] for name in plan.input_names} for cu, plan in self.plans.items()}
+
+    def step(self, index: int, reuse=None) -> dict:
+        """Run step ``index`` on every unit; ``reuse(unit, step, env)`` may supply its outputs instead."""
+        names = self.names[index]
+        done: dict = {}
+        values = {}
+        for cu, plan in self.plans.items():
+            step, env = plan.steps[index], self.envs[cu]
+            out = reuse(cu, step, env) if reuse is not None else None
+            if out is not None:
+                self.reused_steps += 1
+            else:
+                key = share_key(step, env, names) if self.share else None
+                out = done.get(key) if key is not None else None
+                if out is None:
+                    out = step.run(env)
+                    if key is not None:
+                        done[key] = out
+                else:
+                    self.shared_steps += 1
+            for (name, _, _), value in zip(step.outputs, out):
+                env[name] = value
+            values[cu] = out
+        return values
+
+    def free(self, index: int) -> None:
+        """Drop the values whose last use was step ``index``."""
+        for cu, plan in self.plans.items():
+            env = self.envs[cu]
+            for name in plan.steps[index].frees:
+                env.pop(name, None)
+
+    def finish(self) -> dict:
+        """Each unit's program outputs (unit -> output name -> value); ends the run."""
+        outs = {cu: dict(zip(plan.output_names, plan.outputs_from(self.envs[cu]))) for cu, plan in self.plans.items()}
+        self.envs = {}
+        return outs
+
+    def iterate(self, feeds: dict[str, dict]) -> Iterator[tuple[int, dict]]:
+        """Generator form: yields ``(index, {unit: output values})`` per step; outputs in :attr:`last_outputs`."""
+        self.start(feeds)
+        for index in range(self.n_steps):
+            yield index, self.step(index)
+            self.free(index)
+        self.last_outputs = self.finish()

@@ -1,0 +1,117 @@
+"""Sharing one computation between compute units: the kernel declarations it relies on hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from coremltools.converters.mil import Builder as mb
+
+from coreml_lab.emulator.lockstep import SharedRun, numeric_signature
+from coreml_lab.emulator.profiles import FP16, FP32, HAZARDS, PROFILES, Precision
+from coreml_lab.emulator.registry import ALL_USES, _load_kernels, _KERNELS, lookup
+
+from opcheck import run_mil
+
+RNG = np.random.default_rng(0)
+POSITIVE = {"x": RNG.uniform(0.1, 0.9, (3, 5)).astype(np.float32)}
+PAIR = {"x": RNG.uniform(0.5, 2.0, (3, 5)).astype(np.float32), "y": RNG.uniform(0.5, 2.0, (3, 5)).astype(np.float32)}
+SIGNED = {"x": (RNG.standard_normal((3, 5)) * 4).astype(np.float32)}
+W_CONV = RNG.standard_normal((3, 4, 3, 3)).astype(np.float16)
+W_LIN = RNG.standard_normal((5, 8)).astype(np.float16)
+B_LIN = RNG.standard_normal(5).astype(np.float16)
+
+#: op type -> (body over FP16 inputs, inputs)
+SPECIAL = {
+    "relu": (lambda x: mb.relu(x=x), SIGNED),
+    "relu6": (lambda x: mb.relu6(x=x), SIGNED),
+    "conv": (lambda x: mb.conv(x=x, weight=W_CONV, pad_type="same"),
+             {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)}),
+    "linear": (lambda x: mb.linear(x=x, weight=W_LIN, bias=B_LIN), {"x": RNG.standard_normal((2, 8)).astype(np.float32)}),
+    "matmul": (lambda x, y: mb.matmul(x=x, y=y), {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32),
+                                                  "y": RNG.standard_normal((2, 8, 4)).astype(np.float32)}),
+}
+
+
+def _case(op_type):
+    if op_type in SPECIAL:
+        return SPECIAL[op_type]
+    if op_type == "cast":
+        return None
+    fn = getattr(mb, op_type)
+    if lookup(op_type).fn.__name__ in ("binary", "real_div", "compare"):
+        return (lambda x, y: fn(x=x, y=y)), PAIR
+    return (lambda x: fn(x=x)), POSITIVE
+
+
+def _narrowed_kernels():
+    _load_kernels()
+    return sorted(op for op, k in _KERNELS.items() if k.uses != ALL_USES or k.compute_free_on_fp16)
+
+
+def _profile(compute=FP32, accumulate=FP32, hazards=()):
+    return PROFILES["CPU_AND_GPU"].with_device("GPU", fp16=Precision(FP16, compute, accumulate), hazards=hazards)
+
+
+@pytest.mark.parametrize("op_type", _narrowed_kernels())
+def test_kernels_do_not_depend_on_the_precision_fields_they_leave_out(op_type):
+    """Changing a field a kernel does not use (compute: with FP16 inputs) leaves every bit the same."""
+    kernel = lookup(op_type)
+    base = _profile()
+    variants = []
+    if "compute" not in kernel.uses or kernel.compute_free_on_fp16:
+        variants.append(_profile(compute=FP16))
+    if "accumulate" not in kernel.uses:
+        variants.append(_profile(accumulate=FP16))
+    if "hazards" not in kernel.uses:
+        variants.append(_profile(hazards=tuple(HAZARDS)))
+    assert variants, f"{op_type} narrows nothing"
+    if op_type == "cast":  # FP32 input: cast reads it as held, whatever the compute dtype
+        data = {"x": RNG.standard_normal((3, 5)).astype(np.float32)}
+        body, fp16 = (lambda x: mb.cast(x=x, dtype="fp16")), False
+    else:
+        body, data = _case(op_type)
+        fp16 = True
+    want = run_mil(body, data, fp16=fp16, compute_unit=base)
+    for profile in variants:
+        got = run_mil(body, data, fp16=fp16, compute_unit=profile)
+        for g, w in zip(got, want):
+            assert np.array_equal(np.asarray(g), np.asarray(w)), (op_type, profile.devices[0].fp16)
+
+
+def test_compute_dtype_matters_when_an_input_is_wider_than_fp16():
+    """The compute_free_on_fp16 exemption needs FP16 inputs: an FP32 input rounded to FP16 first differs."""
+    x = torch.tensor([1.0001], dtype=torch.float32)  # not representable in FP16
+
+    class Step:  # the parts of a compiled step numeric_signature reads
+        blocks = []
+        op = object()
+        outputs = [("y", "fp16", torch.float16)]
+        inputs = {"x": "x"}
+        hazards = frozenset()
+
+    Step.kernel = lookup("add")
+    Step.precision = Precision(FP16, FP32, FP32)
+    wide = numeric_signature(Step, {"x": x})
+    narrow = numeric_signature(Step, {"x": x.half()})
+    assert wide[2] == FP32 and narrow[2] is None
+
+
+def test_shared_run_refuses_interpreters_of_different_programs():
+    from coreml_lab.emulator.interpreter import Interpreter
+    import coremltools as ct
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,))], opset_version=ct.target.iOS17)
+    def relu(x):
+        return mb.relu(x=x)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,))], opset_version=ct.target.iOS17)
+    def sigmoid(x):
+        return mb.sigmoid(x=x)
+
+    a = Interpreter(relu.functions["main"], PROFILES["CPU_ONLY"])
+    b = Interpreter(sigmoid.functions["main"], PROFILES["CPU_ONLY"])
+    with pytest.raises(ValueError, match="same program"):
+        SharedRun({"A": a, "B": b})
+    with pytest.raises(ValueError, match="at least one"):
+        SharedRun({})
