@@ -36,7 +36,7 @@ from .fp16 import FP16_MAX
 from .fp16 import RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, max_abs, reference_sums
 from .options import ConversionOptions, as_options
-from .reference import TorchPump, double_copy, drain, feed_tensors, run_onnxruntime, run_torch
+from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
 from .report import Report
 
 DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -393,13 +393,7 @@ class Diagnosis:
             golden = torch_run = None
             tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
             if tensors is not None:
-                try:
-                    if self._double is None:
-                        self._double = double_copy(self.torch_model)
-                    golden = run_torch(self.torch_model, tensors, dtype=torch.float64, double_model=self._double)
-                except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
-                    self.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                                   "golden columns are empty")
+                golden = self._golden(tensors)
             onnx_out = run_onnxruntime(self.conv.onnx_path, feeds) if self.conv.onnx_path else None
             if self.kind == "emulator":
                 if tensors is not None:
@@ -418,6 +412,24 @@ class Diagnosis:
             bar.update(len(self.cus))
         bar.close()
         return self._report(len(feeds_list))
+
+    def _golden(self, tensors):
+        """The FP64 run; FP64 weights made per module as it runs, or a full FP64 copy if needed."""
+        while True:
+            if self._double is None:
+                try:
+                    self._double = lazy_double_copy(self.torch_model)
+                except TypeError:
+                    self._double = double_copy(self.torch_model)
+            try:
+                return run_torch(self.torch_model, tensors, dtype=torch.float64, double_model=self._double)
+            except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
+                if getattr(self._double, "_coreml_lab_lazy", False):
+                    self._double = double_copy(self.torch_model)  # it reads weights across modules
+                    continue
+                self.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
+                               "golden columns are empty")
+                return None
 
     def _on_ref(self, step, name, value, torch_run):
         """Generator (it may wait for torch): FP16 range of a reference value, and its torch check."""

@@ -156,6 +156,55 @@ def double_copy(model):
     return copy.deepcopy(model, memo).double()
 
 
+def lazy_double_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An FP64 twin of an eager ``model`` that holds FP64 weights only while they are used.
+
+    A copy of the module tree that shares the user's parameters and buffers; just before each
+    module's forward its own (direct) floating weights are swapped for FP64 copies, and back
+    after it. So the golden run's extra memory is one module's weights, not the whole
+    model's. A forward that reads another module's weights directly sees the FP32 original:
+    arithmetic promotes it to FP64 exactly (the same values), and ops that need one dtype
+    (matmul, conv) fail loudly - callers then fall back to :func:`double_copy`. The user's
+    model is left as it is.
+    """
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("lazy_double_copy needs an eager torch.nn.Module")
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    for (_, mod), (_, tmod) in zip(model.named_modules(remove_duplicate=False),
+                                   twin.named_modules(remove_duplicate=False)):
+        own = {n: t for table in (mod._parameters, mod._buffers) for n, t in table.items()
+               if t is not None and t.is_floating_point()}
+        if own:
+            tmod.register_forward_pre_hook(_Materialize(own))
+            tmod.register_forward_hook(_Release(own))
+    twin._coreml_lab_lazy = True
+    return twin
+
+
+class _Materialize:
+    """Forward pre-hook: the module's own weights in FP64 (setattr: RNNs track their weights)."""
+
+    def __init__(self, own: dict):
+        self.own = own
+
+    def __call__(self, module, args):
+        for n, t in self.own.items():
+            d = t.detach().double()
+            setattr(module, n, torch.nn.Parameter(d, requires_grad=False) if isinstance(t, torch.nn.Parameter) else d)
+
+
+class _Release:
+    """Forward hook: the shared originals back (the FP64 copies are freed)."""
+
+    def __init__(self, own: dict):
+        self.own = own
+
+    def __call__(self, module, args, output):
+        for n, t in self.own.items():
+            setattr(module, n, t)
+
+
 def run_torch(model, tensors: Sequence[torch.Tensor], modules: Iterable[str] = (),
               dtype: torch.dtype = torch.float32, double_model=None) -> TorchRun:
     """Run ``model`` with hooks on ``modules``; ``dtype=torch.float64`` runs a double copy (golden),

@@ -380,3 +380,40 @@ def test_fp16_range_counts_match_a_brute_force_count():
     assert res["overflow_frac"] == pytest.approx((a > FP16_MAX).sum() / n)
     assert res["subnormal_frac"] == pytest.approx((nz < FP16_MIN_NORMAL).sum() / n)
     assert res["flush_frac"] == pytest.approx((nz < FP16_MIN_SUBNORMAL).sum() / n)
+
+
+def test_golden_run_makes_fp64_weights_one_module_at_a_time():
+    from coreml_lab.reference import double_copy, lazy_double_copy, run_torch
+
+    model, inputs, _ = sample_models.build("transformer_mask")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = lazy_double_copy(model)
+    live = []
+    for m in twin.modules():
+        m.register_forward_hook(lambda mod, i, o: live.append(
+            sum(t.numel() for t in twin.parameters() if t.dtype == torch.float64)))
+    lazy = run_torch(model, list(inputs), dtype=torch.float64, double_model=twin).outputs[0]
+    full = run_torch(model, list(inputs), dtype=torch.float64, double_model=double_copy(model)).outputs[0]
+    np.testing.assert_array_equal(lazy, full)
+    assert lazy.dtype == np.float64
+    total = sum(p.numel() for p in model.parameters())
+    assert max(live) < total / 2  # never the whole model in FP64 at once
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == model.state_dict()[k].dtype
+               for k, v in before.items())  # the user's model is untouched
+
+
+def test_golden_falls_back_to_a_full_copy_when_a_forward_reads_another_modules_weights():
+    class ReadsAcross(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(x @ self.lin.weight.t() + self.lin.bias)
+
+    torch.manual_seed(0)
+    model = ReadsAcross().eval()
+    rep = cl.diagnose(model, (torch.randn(2, 8),), progress=False)
+    gold = rep.references.set_index("reference")
+    assert np.isfinite(gold.loc["torch fp32", "max_abs_err"]) and gold.loc["torch fp32", "max_abs_err"] < 1e-5
+    assert not any("golden run failed" in n for n in rep.notes)

@@ -13,8 +13,6 @@ tests run diagnoses with and without sharing and compare every number).
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 
@@ -54,8 +52,8 @@ def _float_inputs_fp16(step: Step, env) -> bool:
     for src in step.inputs.values():
         for s in (src if isinstance(src, tuple) else (src,)):
             if isinstance(s, _Const):
-                if isinstance(s.value, float) or np.asarray(s.value).dtype.kind == "f" \
-                        and np.asarray(s.value).dtype != np.float16:
+                dt = np.asarray(s.value).dtype
+                if dt.kind == "f" and dt != np.float16:
                     return False
                 continue
             v = env[s]
@@ -184,11 +182,3 @@ class SharedRun:
         outs = {cu: dict(zip(plan.output_names, plan.outputs_from(self.envs[cu]))) for cu, plan in self.plans.items()}
         self.envs = {}
         return outs
-
-    def iterate(self, feeds: dict[str, dict]) -> Iterator[tuple[int, dict]]:
-        """Generator form: yields ``(index, {unit: output values})`` per step; outputs in :attr:`last_outputs`."""
-        self.start(feeds)
-        for index in range(self.n_steps):
-            yield index, self.step(index)
-            self.free(index)
-        self.last_outputs = self.finish()
