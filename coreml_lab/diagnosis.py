@@ -510,12 +510,15 @@ class Diagnosis:
     @staticmethod
     def _measure(v, r, name, ref_sums):
         """(max |v|, all finite, error vs reference, error histogram) of one diagnosed value."""
-        top, finite = _max_abs(v)
         if not (_is_float(r) and r.numel() == v.numel()):
-            return top, finite, None, None
+            return (*_max_abs(v), None, None)
         rs = ref_sums.get(name)
         if rs is None:
             rs = ref_sums[name] = reference_sums(r)
+        if v is r and math.isfinite(rs[0]):  # the reference's own tensor (a reused step): all finite
+            top, finite = rs[1], True
+        else:
+            top, finite = _max_abs(v)
         acc, hist = ErrorStats(), ErrorHistogram()
         acc.add(v, r, classifier=False, ref_sums=rs, hist=hist)
         return top, finite, acc, hist
@@ -764,7 +767,7 @@ class Diagnosis:
                 if v.name not in self.ranges:
                     continue
                 ins = [self.ranges[i.name].result()["max_abs"] for i in _var_inputs(op) if i.name in self.ranges]
-                ins += [_const_max_abs(c) for c in _const_inputs(op)]
+                ins += [_const_max_abs(self.conv32.program, c) for c in _const_inputs(op)]
                 rows.append({"index": index, "op": op.name, "output": v.name, "op_type": op.op_type,
                              "kind": "activation", "module": self.ref_map.module_of(v.name),
                              "inputs_max_abs": max(ins) if ins else math.nan, **self.ranges[v.name].result(),
@@ -848,12 +851,18 @@ def _const_inputs(op):
                 yield x
 
 
-def _const_max_abs(var) -> float:
-    val = np.asarray(var.val) if var.val is not None else np.zeros(0)
-    if not np.issubdtype(val.dtype, np.floating) or not val.size:
-        return 0.0
-    a = np.abs(val.astype(np.float64))
-    return float(a.max())
+#: program -> const var name -> max |value| (weights do not change; every report asks again)
+_CONST_MAX_ABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _const_max_abs(program, var) -> float:
+    known = _CONST_MAX_ABS.setdefault(program, {})
+    found = known.get(var.name)
+    if found is None:
+        val = np.asarray(var.val) if var.val is not None else np.zeros(0)
+        found = known[var.name] = float(np.abs(val).max()) if np.issubdtype(val.dtype, np.floating) and val.size \
+            else 0.0
+    return found
 
 
 def _storage_table(interp) -> dict:

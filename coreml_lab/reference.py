@@ -73,8 +73,8 @@ class TorchPump:
                 continue
 
             def hook(m, inp, out, path=path):
-                if path in sent:
-                    return  # a module called again: only its first output is compared
+                if path in sent or self._done:
+                    return  # a module called again (only its first output is compared), or nobody waits
                 sent.add(path)
                 t = _first_tensor(out)
                 if t is not None:  # cloned: an in-place op later must not change what we compare
@@ -96,14 +96,17 @@ class TorchPump:
         return self._result
 
     def _pump(self) -> None:
-        while not self._done:
-            if self._waiting_for is not None and self._waiting_for not in self._stash and not self._finished:
-                return
-            try:
-                self._waiting_for = next(self._consumer)
-            except StopIteration as stop:
-                self._done = True
-                self._result = stop.value
+        # the consumer runs inside torch's forward: whatever the model's forward switched on around
+        # this module (autocast, grad) must not reach the consumer's own arithmetic
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            while not self._done:
+                if self._waiting_for is not None and self._waiting_for not in self._stash and not self._finished:
+                    return
+                try:
+                    self._waiting_for = next(self._consumer)
+                except StopIteration as stop:
+                    self._done = True
+                    self._result = stop.value
 
 
 def drain(gen):
@@ -163,9 +166,10 @@ def lazy_double_copy(model: torch.nn.Module) -> torch.nn.Module:
     module's forward its own (direct) floating weights are swapped for FP64 copies, and back
     after it. So the golden run's extra memory is one module's weights, not the whole
     model's. A forward that reads another module's weights directly sees the FP32 original:
-    arithmetic promotes it to FP64 exactly (the same values), and ops that need one dtype
-    (matmul, conv) fail loudly - callers then fall back to :func:`double_copy`. The user's
-    model is left as it is.
+    arithmetic with FP64 activations promotes it exactly (the same values), ops that need one
+    dtype (matmul, conv) fail loudly - callers then fall back to :func:`double_copy` - and only
+    an expression over such weights alone (``exp(self.child.scale)``) is computed in FP32. The
+    user's model is left as it is.
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise TypeError("lazy_double_copy needs an eager torch.nn.Module")

@@ -417,3 +417,32 @@ def test_golden_falls_back_to_a_full_copy_when_a_forward_reads_another_modules_w
     gold = rep.references.set_index("reference")
     assert np.isfinite(gold.loc["torch fp32", "max_abs_err"]) and gold.loc["torch fp32", "max_abs_err"] < 1e-5
     assert not any("golden run failed" in n for n in rep.notes)
+
+
+def test_a_forward_running_under_autocast_does_not_change_the_emulated_numbers():
+    """The lockstep runs inside torch's forward hooks: the model's own autocast must not reach it."""
+    class Autocast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.a(x).float()
+            return self.b(torch.relu(h))
+
+    class Plain(Autocast):
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    auto = Autocast().eval()
+    plain = Plain().eval()
+    plain.load_state_dict(auto.state_dict())
+    x = torch.randn(3, 16)
+    conv = cl.convert(plain, (x,), cl.ConversionOptions(precision="fp16"))
+    want = cl.diagnose(conv, progress=False).layers
+    conv.source.reference = auto  # the same program, checked against the autocast forward
+    got = cl.diagnose(conv, progress=False).layers
+    cols = ["compute_unit", "output", "max_abs_err", "local_max_abs_err"]
+    pd.testing.assert_frame_equal(got[cols], want[cols], check_exact=True)
