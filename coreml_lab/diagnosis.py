@@ -31,7 +31,7 @@ import torch
 from . import runtime as rt
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import SharedRun, same_computation, share_key, var_input_names
-from .emulator.profiles import get_profile
+from .emulator.profiles import PROFILES, get_profile, profile_label
 from .fp16 import FP16_MAX
 from .fp16 import RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, max_abs, reference_sums
@@ -310,11 +310,24 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     "emulator" or "coreml". ``local=False`` skips the per-op local re-runs (faster).
     A model that fails to convert gives a Report carrying the error and its explanation.
     """
-    cus = [getattr(c, "name", c) for c in compute_units]
-    if not cus:
+    if not list(compute_units):
         raise ValueError("compute_units is empty: give at least one of CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL")
-    cus = [get_profile(c).compute_unit for c in cus]
+    profiles = {}
+    for c in compute_units:  # a name, a ct.ComputeUnit, or a DeviceProfile (a variant of one)
+        profile = get_profile(c)
+        label = profile_label(profile)
+        if label in profiles:
+            raise ValueError(f"compute_units names {label!r} twice; give each unit or profile once")
+        profiles[label] = profile
+    cus = list(profiles)
+    variants = any(label != p.compute_unit for label, p in profiles.items())
+    if variants and runtime == "coreml":
+        raise ValueError("device-profile variants describe the emulator; Core ML runs its own units: pass "
+                         "compute unit names with runtime='coreml', or runtime='emulator'")
     kind = rt.resolve(runtime)
+    if variants and kind == "coreml":  # pragma: no cover - macOS only
+        raise ValueError("device-profile variants describe the emulator: pass runtime='emulator' to "
+                         "diagnose them on this Mac")
     if isinstance(model, Conversion):
         conv, opts = model, model.options
         if options is not None and as_options(options) != opts:
@@ -343,7 +356,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     if conv.example_inputs is None:
         raise ValueError("diagnosing a loaded .mlpackage needs example inputs (its input names and shapes)")
     feeds = dataset(inputs, conv.example_inputs)
-    return Diagnosis(conv, conv32, cus, kind, local).run(feeds, progress)
+    return Diagnosis(conv, conv32, cus, kind, local, profiles).run(feeds, progress)
 
 
 class Diagnosis:
@@ -353,8 +366,10 @@ class Diagnosis:
     #: False runs everything everywhere (the tests compare both: sharing must change no number)
     reuse = True
 
-    def __init__(self, conv: Conversion, conv32: Conversion, cus: list[str], kind: str, local: bool):
+    def __init__(self, conv: Conversion, conv32: Conversion, cus: list[str], kind: str, local: bool,
+                 profiles: dict | None = None):
         self.conv, self.conv32, self.cus, self.kind, self.local = conv, conv32, cus, kind, local
+        self.profiles = profiles or {cu: get_profile(cu) for cu in cus}  # label -> device profile
         self.ref_map = conv32.layer_map()
         self.module_vars = _innermost_module_per_var(self.ref_map.module_outputs)
         self.ref_of = pair_programs(conv.program, conv32.program)
@@ -384,7 +399,7 @@ class Diagnosis:
         ref = _emulated(self.conv32.mlmodel, "CPU_ONLY", self.ref_map.op_module)
         devs = {}
         if self.kind == "emulator":
-            devs = {cu: _emulated(self.conv.mlmodel, cu, self.layer_map.op_module) for cu in self.cus}
+            devs = {cu: _emulated(self.conv.mlmodel, self.profiles[cu], self.layer_map.op_module) for cu in self.cus}
             self.storage = {cu: _storage_table(m.interpreter) for cu, m in devs.items()}
             self.bad_consts = _steps_with_nonfinite_consts(next(iter(devs.values())).interpreter)
         bar = tqdm(total=len(feeds_list) * max(len(self.cus), 1), desc="diagnose", unit="run",
@@ -502,7 +517,8 @@ class Diagnosis:
                         m = measured.get(id(v))
                         if m is not None and m[2] is not None:
                             self.stats[cu][name].local.merge(m[2])
-                self._local(index, rerun, in_names, refs, interps, ref_sums)
+                self._local(index, rerun, in_names, refs, interps, ref_sums,
+                            {cu: lock.same[cu][index] for cu in rerun})
             self._diverge(step, values, measured)
 
         return (yield from lock.run(ref_feeds, dev_feeds, on_step, lambda s, n, v: self._on_ref(s, n, v, torch_run)))
@@ -553,21 +569,29 @@ class Diagnosis:
                             done[key] = DiffStats.measure(va, vb, max_b=m[0] if m is not None else None)
                         self.pairs[(a, b, name)].merge(done[key])
 
-    def _local(self, index, cus, in_names, refs, interps, ref_sums):
+    def _local(self, index, cus, in_names, refs, interps, ref_sums, same: dict):
         """Op ``index`` alone on the reference inputs rounded to its storage dtype, on each of ``cus``,
-        once per distinct run."""
+        once per distinct run. ``same``: per unit, the reference step computing exactly this op
+        (its outputs are the local run when the inputs are the reference's own tensors)."""
         rounded: dict = {}  # (reference var, dtype) -> rounded value (None: it overflows)
-        runs: dict = {}     # share key -> [step, inputs, units]
+        runs: dict = {}     # share key -> [step, inputs, units, outputs if already known]
         for cu in cus:
             cstep = interps[cu].main.steps[index]
             env = self._local_inputs(cu, in_names, refs, rounded)
             if env is None:
                 continue
+            twin = same.get(cu)
+            if twin is not None and all(env[n] is refs.get(self.ref_of.get(n)) for n in in_names):
+                outs = [refs.get(name) for name, _, _ in twin.outputs]
+                if all(o is not None for o in outs):
+                    runs.setdefault(("reference", id(twin)), [cstep, env, [], outs])[2].append(cu)
+                    continue
             key = share_key(cstep, env, tuple(in_names)) if self.reuse else None
-            runs.setdefault(key if key is not None else (cu,), [cstep, env, []])[2].append(cu)
-        for cstep, env, members in runs.values():
+            runs.setdefault(key if key is not None else (cu,), [cstep, env, [], None])[2].append(cu)
+        for cstep, env, members, local_vals in runs.values():
             try:
-                local_vals = cstep.run(env)
+                if local_vals is None:
+                    local_vals = cstep.run(env)
             except Exception:  # noqa: BLE001 - e.g. an op whose shapes only line up with device values
                 continue
             for (name, _, _), lv in zip(cstep.outputs, local_vals):
@@ -799,16 +823,17 @@ def _paired_layer_map(conv: Conversion, ref_map, ref_of: dict):
 _EMULATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _emulated(mlmodel, compute_unit: str, module_of):
-    """The emulated model of ``mlmodel`` under ``compute_unit``, compiled once per mlmodel.
-
-    ``module_of`` names the torch module of each op; for one mlmodel it is always the same
-    mapping (the conversion's), so the first one compiled is kept.
-    """
+def _emulated(mlmodel, profile, module_of):
+    """The emulated model of ``mlmodel`` under a compute unit's profile; default profiles are
+    compiled once per mlmodel (``module_of``, the conversion's op -> module mapping, is the same
+    for one mlmodel, so the first one compiled is kept). Variants are compiled per diagnosis."""
+    profile = get_profile(profile)
+    if PROFILES.get(profile.compute_unit) != profile:
+        return rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
     per_unit = _EMULATED.setdefault(mlmodel, {})
-    model = per_unit.get(compute_unit)
+    model = per_unit.get(profile.compute_unit)
     if model is None:
-        model = per_unit[compute_unit] = rt.EmulatorRuntime(mlmodel, compute_unit, module_of=module_of).model
+        model = per_unit[profile.compute_unit] = rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
     return model
 
 

@@ -60,9 +60,10 @@ class EmulatorRuntime:
 
     name = "emulator"
 
-    def __init__(self, mlmodel, compute_unit: str, module_of=None):
-        self.compute_unit = getattr(compute_unit, "name", compute_unit)
+    def __init__(self, mlmodel, compute_unit, module_of=None):
+        """``compute_unit``: a name, a ``ct.ComputeUnit`` or a device profile (a variant of one)."""
         self.model = EmulatedModel(mlmodel, compute_unit, module_of=module_of)
+        self.compute_unit = self.model.profile.compute_unit
 
     def predict(self, feeds: dict, on_op=None) -> dict:
         return self.model.predict(feeds, on_op=on_op)

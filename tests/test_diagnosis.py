@@ -446,3 +446,20 @@ def test_a_forward_running_under_autocast_does_not_change_the_emulated_numbers()
     got = cl.diagnose(conv, progress=False).layers
     cols = ["compute_unit", "output", "max_abs_err", "local_max_abs_err"]
     pd.testing.assert_frame_equal(got[cols], want[cols], check_exact=True)
+
+
+def test_profile_variants_are_diagnosed_as_given():
+    from coreml_lab.emulator import ne_fp16_accumulation
+
+    model, inputs, _ = sample_models.build("deep_residual")
+    variant = ne_fp16_accumulation()
+    rep = cl.diagnose(model, inputs, compute_units=("CPU_AND_NE", variant), progress=False)
+    out = rep.outputs.set_index("compute_unit")
+    assert list(out.index) == ["CPU_AND_NE", "CPU_AND_NE, FP16 accumulation"]
+    # FP16 sums in every dot product: the variant really ran, and loses more
+    assert out.loc["CPU_AND_NE, FP16 accumulation", "max_abs_err"] > 2 * out.loc["CPU_AND_NE", "max_abs_err"]
+    assert set(rep.divergence.pair) == {"CPU_AND_NE vs CPU_AND_NE, FP16 accumulation"}
+    with pytest.raises(ValueError, match="twice"):
+        cl.diagnose(model, inputs, compute_units=("CPU_AND_NE", "CPU_AND_NE"), progress=False)
+    with pytest.raises(ValueError, match="variants describe the emulator"):
+        cl.diagnose(model, inputs, compute_units=(variant,), runtime="coreml", progress=False)

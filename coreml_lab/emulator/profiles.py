@@ -266,17 +266,27 @@ def get_profile(compute_unit) -> DeviceProfile:
 
 def strict_fp16_cpu() -> DeviceProfile:
     """CPU_ONLY where FP16-typed ops really run FP16 (storage and arithmetic, FP32 sums)."""
-    return PROFILES["CPU_ONLY"].with_device("CPU", fp16=Precision(FP16, FP16, FP32))
+    return dataclasses.replace(PROFILES["CPU_ONLY"].with_device("CPU", fp16=Precision(FP16, FP16, FP32)),
+                               description="CPU_ONLY, FP16 CPU kernels")
 
 
 def gpu_fp16_accumulation() -> DeviceProfile:
     """CPU_AND_GPU with ``allowLowPrecisionAccumulationOnGPU``: FP16 arithmetic and sums."""
-    return PROFILES["CPU_AND_GPU"].with_device("GPU", fp16=Precision(FP16, FP16, FP16))
+    return dataclasses.replace(PROFILES["CPU_AND_GPU"].with_device("GPU", fp16=Precision(FP16, FP16, FP16)),
+                               description="CPU_AND_GPU, FP16 accumulation")
 
 
 def ne_fp16_accumulation() -> DeviceProfile:
     """CPU_AND_NE assuming the NE also accumulates dot products in FP16 (worst case)."""
-    return PROFILES["CPU_AND_NE"].with_device("NE", fp16=Precision(FP16, FP16, FP16))
+    return dataclasses.replace(PROFILES["CPU_AND_NE"].with_device("NE", fp16=Precision(FP16, FP16, FP16)),
+                               description="CPU_AND_NE, FP16 accumulation")
+
+
+def profile_label(profile: DeviceProfile) -> str:
+    """How reports name a profile: the compute unit for its default profile, else the description."""
+    if PROFILES.get(profile.compute_unit) == profile:
+        return profile.compute_unit
+    return profile.description or f"{profile.compute_unit} (modified)"
 
 
 def describe(profile: DeviceProfile) -> list[dict]:
@@ -296,5 +306,5 @@ def describe(profile: DeviceProfile) -> list[dict]:
 
 __all__ = [
     "Precision", "Device", "DeviceProfile", "PROFILES", "FAMILIES", "HAZARDS", "CPU", "GPU", "NE",
-    "get_profile", "strict_fp16_cpu", "gpu_fp16_accumulation", "ne_fp16_accumulation", "describe",
+    "get_profile", "strict_fp16_cpu", "gpu_fp16_accumulation", "ne_fp16_accumulation", "describe", "profile_label",
 ]
