@@ -12,7 +12,8 @@ Formulas (all sums and means run over every element of every input seen):
 
 When ``a`` has non-finite values where ``r`` is finite, the error metrics are
 ``inf`` (errors) and ``-inf`` (dB): a NaN output is never "close". A perfect
-match gives ``inf`` dB. Computation is in float64.
+match gives ``inf`` dB. Sums accumulate in float64; each tensor's own pass is FP32
+(vectorised torch) when all its values are finite, float64 otherwise.
 """
 
 from __future__ import annotations
