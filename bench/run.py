@@ -17,6 +17,8 @@ torch eager forward (FP32) is the baseline.
   of ``diagnose(conv)``: the largest rise of the process's resident memory during
   the call (sampled every 0.5 ms, freed memory handed back to the OS before each
   measurement; median of 5 calls), divided by the same for one torch forward.
+  "runs only" times ``diagnose(conv)`` with every statistic replaced by a no-op:
+  the floor the runs themselves set under any statistics.
 """
 
 from __future__ import annotations
