@@ -155,12 +155,11 @@ def _steps_with_nonfinite_consts(interp) -> set:
 
 
 def _has_nonfinite_const(step) -> bool:
-    for src in step.inputs.values():
-        for s in (src if isinstance(src, tuple) else (src,)):
-            if not isinstance(s, str):
-                v = np.asarray(s.value)
-                if np.issubdtype(v.dtype, np.floating) and not bool(np.isfinite(v).all()):
-                    return True
+    for s in step.sources():
+        if not isinstance(s, str):
+            v = np.asarray(s.value)
+            if np.issubdtype(v.dtype, np.floating) and not bool(np.isfinite(v).all()):
+                return True
     return False
 
 
@@ -780,6 +779,9 @@ class Diagnosis:
 
     def _range_rows(self) -> list[dict]:
         rows = []
+        weights = const_ranges(self.conv32.program)
+        # a constant input's max |x| for inputs_max_abs (inf if it holds inf/NaN, as a value would be)
+        const_max = {w["const"]: (math.inf if w["nonfinite_frac"] else w["max_abs"]) for w in weights}
         func = next(iter(self.conv32.program.functions.values()))
         for name in func.inputs:
             if name in self.ranges:
@@ -791,12 +793,12 @@ class Diagnosis:
                 if v.name not in self.ranges:
                     continue
                 ins = [self.ranges[i.name].result()["max_abs"] for i in _var_inputs(op) if i.name in self.ranges]
-                ins += [_const_max_abs(self.conv32.program, c) for c in _const_inputs(op)]
+                ins += [const_max.get(c.name, 0.0) for c in _const_inputs(op)]
                 rows.append({"index": index, "op": op.name, "output": v.name, "op_type": op.op_type,
                              "kind": "activation", "module": self.ref_map.module_of(v.name),
                              "inputs_max_abs": max(ins) if ins else math.nan, **self.ranges[v.name].result(),
                              "used_by": ""})
-        for c in const_ranges(self.conv32.program):
+        for c in weights:
             users = c.pop("used_by")
             mods = sorted({m for u in users for m in [self.ref_map.module_of(u)] if m})
             rows.append({"index": math.nan, "op": ", ".join(users), "output": c.pop("const"), "op_type": "const",
@@ -874,20 +876,6 @@ def _const_inputs(op):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
             if x.op is not None and x.op.op_type == "const":
                 yield x
-
-
-#: program -> const var name -> max |value| (weights do not change; every report asks again)
-_CONST_MAX_ABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _const_max_abs(program, var) -> float:
-    known = _CONST_MAX_ABS.setdefault(program, {})
-    found = known.get(var.name)
-    if found is None:
-        val = np.asarray(var.val) if var.val is not None else np.zeros(0)
-        found = known[var.name] = float(np.abs(val).max()) if np.issubdtype(val.dtype, np.floating) and val.size \
-            else 0.0
-    return found
 
 
 def _storage_table(interp) -> dict:

@@ -243,6 +243,11 @@ class Step:
     __slots__ = ("op", "kernel", "inputs", "outputs", "device", "precision", "hazards", "module",
                  "blocks", "frees", "call", "interpreter")
 
+    def sources(self):
+        """Every input source in input order, tuple members included: a var name or a ``_Const``."""
+        for src in self.inputs.values():
+            yield from (src if isinstance(src, tuple) else (src,))
+
     def run(self, env) -> list:
         call = self.call
         call.env = env
@@ -402,11 +407,7 @@ class BlockPlan:
 
 
 def _step_uses(step: Step) -> set[str]:
-    names = set()
-    for src in step.inputs.values():
-        for s in (src if isinstance(src, tuple) else (src,)):
-            if isinstance(s, str):
-                names.add(s)
+    names = {s for s in step.sources() if isinstance(s, str)}
     for plan in step.blocks:
         names |= plan.free_names()
     return names

@@ -21,12 +21,7 @@ from .interpreter import Interpreter, Step, _Const
 
 def var_input_names(step: Step) -> tuple[str, ...]:
     """Names of the step's non-constant inputs, in input order (tuple members included)."""
-    names = []
-    for src in step.inputs.values():
-        for s in (src if isinstance(src, tuple) else (src,)):
-            if isinstance(s, str):
-                names.append(s)
-    return tuple(names)
+    return tuple(s for s in step.sources() if isinstance(s, str))
 
 
 def numeric_signature(step: Step, env) -> tuple | None:
@@ -49,16 +44,15 @@ def numeric_signature(step: Step, env) -> tuple | None:
 
 
 def _float_inputs_fp16(step: Step, env) -> bool:
-    for src in step.inputs.values():
-        for s in (src if isinstance(src, tuple) else (src,)):
-            if isinstance(s, _Const):
-                dt = np.asarray(s.value).dtype
-                if dt.kind == "f" and dt != np.float16:
-                    return False
-                continue
-            v = env[s]
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float16:
+    for s in step.sources():
+        if isinstance(s, _Const):
+            dt = np.asarray(s.value).dtype
+            if dt.kind == "f" and dt != np.float16:
                 return False
+            continue
+        v = env[s]
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float16:
+            return False
     return True
 
 

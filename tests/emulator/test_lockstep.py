@@ -7,6 +7,7 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 
+from coreml_lab.emulator.interpreter import Step
 from coreml_lab.emulator.lockstep import SharedRun, numeric_signature
 from coreml_lab.emulator.profiles import FP16, FP32, HAZARDS, PROFILES, Precision
 from coreml_lab.emulator.registry import ALL_USES, _load_kernels, _KERNELS, lookup
@@ -83,17 +84,14 @@ def test_compute_dtype_matters_when_an_input_is_wider_than_fp16():
     """The compute_free_on_fp16 exemption needs FP16 inputs: an FP32 input rounded to FP16 first differs."""
     x = torch.tensor([1.0001], dtype=torch.float32)  # not representable in FP16
 
-    class Step:  # the parts of a compiled step numeric_signature reads
-        blocks = []
-        op = object()
-        outputs = [("y", "fp16", torch.float16)]
-        inputs = {"x": "x"}
-        hazards = frozenset()
-
-    Step.kernel = lookup("add")
-    Step.precision = Precision(FP16, FP32, FP32)
-    wide = numeric_signature(Step, {"x": x})
-    narrow = numeric_signature(Step, {"x": x.half()})
+    step = Step()  # the parts of a compiled step numeric_signature reads
+    step.blocks, step.op, step.hazards = [], object(), frozenset()
+    step.outputs = [("y", "fp16", torch.float16)]
+    step.inputs = {"x": "x"}
+    step.kernel = lookup("add")
+    step.precision = Precision(FP16, FP32, FP32)
+    wide = numeric_signature(step, {"x": x})
+    narrow = numeric_signature(step, {"x": x.half()})
     assert wide[2] == FP32 and narrow[2] is None
 
 
