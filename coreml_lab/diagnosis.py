@@ -386,7 +386,8 @@ class Diagnosis:
         self.references = defaultdict(ErrorStats)
         self.pairs = defaultdict(DiffStats)           # (cu_a, cu_b, var) -> divergence between units
         self.notes: set = set()
-        self._double = None  # FP64 copy of the torch model, made once
+        self._double = None  # FP64 twin of the torch model, made once
+        self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
         self.runs = {"inputs": [], "outputs": {}, "torch": []}
         self.int_bad = {cu: set() for cu in cus}
         self.shapes = {}
@@ -432,14 +433,14 @@ class Diagnosis:
         while True:
             if self._double is None:
                 try:
-                    self._double = lazy_double_copy(self.torch_model)
-                except TypeError:
-                    self._double = double_copy(self.torch_model)
+                    self._double, self._double_lazy = lazy_double_copy(self.torch_model), True
+                except TypeError:  # not an eager module (TorchScript)
+                    self._double, self._double_lazy = double_copy(self.torch_model), False
             try:
                 return run_torch(self.torch_model, tensors, dtype=torch.float64, double_model=self._double)
             except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
-                if getattr(self._double, "_coreml_lab_lazy", False):
-                    self._double = double_copy(self.torch_model)  # it reads weights across modules
+                if self._double_lazy:  # it reads weights across modules: a full FP64 copy
+                    self._double, self._double_lazy = double_copy(self.torch_model), False
                     continue
                 self.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
                                "golden columns are empty")
@@ -491,9 +492,10 @@ class Diagnosis:
                     st = self.stats[cu][name]
                     st.meta = (index, step.op.name, step.op.op_type, device, tuple(in_names))
                     self.shapes[name] = tuple(v.shape)
+                    r = refs.get(self.ref_of.get(name))
                     m = measured.get(id(v))
                     if m is None:
-                        m = measured[id(v)] = self._measure(v, refs.get(self.ref_of.get(name)), name, ref_sums)
+                        m = measured[id(v)] = self._measure(v, r, name, ref_sums)
                     top, finite, acc, hist = m
                     st.max_abs = max(st.max_abs, top)
                     if not finite:
@@ -504,7 +506,6 @@ class Diagnosis:
                     if acc is not None:
                         st.acc.merge(acc)
                         st.hist.merge(hist)
-                        r = refs.get(self.ref_of.get(name))
                         if acc.max_abs == 0 and not (acc.n_nonfinite or acc.ref_nonfinite) \
                                 and v.dtype == r.dtype and v.shape == r.shape:
                             exact_vars[cu].add(name)

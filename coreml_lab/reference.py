@@ -182,7 +182,6 @@ def lazy_double_copy(model: torch.nn.Module) -> torch.nn.Module:
         if own:
             tmod.register_forward_pre_hook(_Materialize(own))
             tmod.register_forward_hook(_Release(own))
-    twin._coreml_lab_lazy = True
     return twin
 
 

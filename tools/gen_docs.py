@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from generated import write_or_check  # noqa: E402
+
 
 def coverage_markdown() -> str:
     from coreml_lab.emulator import coverage_rows
@@ -84,21 +86,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    stale = []
-    for rel, make in DOCS.items():
-        path = ROOT / rel
-        text = make()
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(rel)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    if stale:
-        print("out of date (run python tools/gen_docs.py):", ", ".join(stale))
-        return 1
-    return 0
-
+    return write_or_check({ROOT / rel: make for rel, make in DOCS.items()}, args.check, "python tools/gen_docs.py")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,6 +16,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from generated import write_or_check
+
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 
@@ -503,21 +505,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    stale = []
-    NB_DIR.mkdir(exist_ok=True)
-    for name in NOTEBOOKS:
-        text = nbformat.writes(build(name))
-        path = NB_DIR / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-        else:
-            path.write_text(text)
-    if stale:
-        print("out of date (run python tools/make_notebooks.py):", ", ".join(stale))
-        return 1
-    return 0
-
+    files = {NB_DIR / name: (lambda name=name: nbformat.writes(build(name))) for name in NOTEBOOKS}
+    return write_or_check(files, args.check, "python tools/make_notebooks.py")
 
 if __name__ == "__main__":
     sys.exit(main())

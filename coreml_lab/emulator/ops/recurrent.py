@@ -102,6 +102,14 @@ def _check_x(call, x):
         raise ValueError(f"{call.op.op_type} input 'x' must be [seq, batch, input], got shape {tuple(x.shape)}")
 
 
+def _one_direction(call):
+    """What gru and rnn read first: x (checked), compute dtype, reverse?, output_sequence."""
+    x = call.tensor("x")
+    _check_x(call, x)
+    reverse = _direction(call, ("forward", "reverse")) == "reverse"
+    return x, call.compute_dtype, reverse, call.bool("output_sequence", False)
+
+
 # -- lstm ----------------------------------------------------------------------------------
 
 def _lstm_direction(call, x, h, c, w_ih, w_hh, bias, peephole, reverse, ra, ca, act, clip):
@@ -179,11 +187,7 @@ def lstm(call):
 
 @kernel("gru", family="recurrent")
 def gru(call):
-    x = call.tensor("x")
-    _check_x(call, x)
-    dt = call.compute_dtype
-    reverse = _direction(call, ("forward", "reverse")) == "reverse"
-    output_sequence = call.bool("output_sequence", False)
+    x, dt, reverse, output_sequence = _one_direction(call)
     ra = _activation(call, "recurrent_activation", "sigmoid")
     act = _activation(call, "activation", "tanh")
     reset_after = call.bool("reset_after", False)  # iOS18
@@ -227,11 +231,7 @@ def gru(call):
 
 @kernel("rnn", family="recurrent")
 def rnn(call):
-    x = call.tensor("x")
-    _check_x(call, x)
-    dt = call.compute_dtype
-    reverse = _direction(call, ("forward", "reverse")) == "reverse"
-    output_sequence = call.bool("output_sequence", False)
+    x, dt, reverse, output_sequence = _one_direction(call)
     act = _activation(call, "activation", "tanh")
     h = call.tensor("initial_h")
     w_ih, w_hh, _ = _weights(call, "weight_ih", "weight_hh", 1, x)
