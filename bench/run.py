@@ -5,9 +5,9 @@
 For a ResNet-style and a transformer sample (their ``size="bench"`` builds), a
 torch eager forward (FP32) is the baseline.
 
-* Emulator: the FP32 conversion under CPU_ONLY and the FP16 conversion under the
-  GPU and Neural Engine profiles; median of ``repeats`` ratios, each timed right next to
-  its torch forwards, after a warm-up.
+* Emulator: the FP32 conversion under CPU_ONLY and the FP16 conversion under each of the
+  three profiles; median of ``repeats`` ratios, each timed right next to its torch
+  forwards, after a warm-up.
   Targets: <= 1.5 (FP32), <= 2.5 (FP16 profiles).
 * diagnose(): three compute units, every layer, local re-runs on. Timed on the
   Conversion (``diagnose(conv)``: the diagnosis alone - the target: <= 4 torch
@@ -19,6 +19,10 @@ torch eager forward (FP32) is the baseline.
   measurement; median of 5 calls), divided by the same for one torch forward.
   "runs only" times ``diagnose(conv)`` with every statistic replaced by a no-op:
   the floor the runs themselves set under any statistics.
+* Whole-model runs alone: the golden FP64 forward and the hooked torch FP32 forward, timed
+  alone, plus the four emulator runs above (the FP32 program and each unit's FP16 run),
+  summed and divided by three: what one diagnosis costs per unit before any op is re-run
+  alone and before any statistic - a floor no bookkeeping can go under.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def bench_emulator(repeats: int) -> list[dict]:
             with torch.no_grad():
                 model(*inputs)
 
-        runs = [("fp32", "CPU_ONLY", conv32), ("fp16", "CPU_AND_GPU", conv16), ("fp16", "CPU_AND_NE", conv16)]
+        runs = [("fp32", "CPU_ONLY", conv32), ("fp16", "CPU_ONLY", conv16), ("fp16", "CPU_AND_GPU", conv16),
+                ("fp16", "CPU_AND_NE", conv16)]
         for precision, cu, conv in runs:
             em = EmulatedModel(conv.mlmodel, cu)
             t, base, ratio = median_ratio(lambda: em.predict(feeds), torch_forward, repeats)
@@ -149,6 +154,34 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def bench_whole_runs(repeats: int, emulator_rows: list[dict]) -> list[dict]:
+    """The whole-model runs a diagnosis is made of, each timed alone (ratio to a torch forward)."""
+    from coreml_lab.reference import feed_tensors, lazy_double_copy, run_torch
+
+    rows = []
+    for label, sample in MODELS.items():
+        model, inputs, _ = sample_models.build(sample, size="bench")
+        conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
+        tensors = feed_tensors(conv.example_inputs.as_numpy(), conv.example_inputs)
+        leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+        twin = lazy_double_copy(model)
+
+        def torch_forward():
+            with torch.no_grad():
+                model(*inputs)
+
+        _, _, golden = median_ratio(lambda: run_torch(model, tensors, dtype=torch.float64, double_model=twin),
+                                    torch_forward, repeats)
+        _, _, hooked = median_ratio(lambda: run_torch(model, tensors, leaves), torch_forward, repeats)
+        emulated = {(r["precision"], r["compute_unit"]): r["ratio"] for r in emulator_rows if r["model"] == label}
+        total = golden + hooked + sum(emulated.values())
+        rows.append({"model": label, "golden_fp64": round(golden, 2), "torch_fp32_hooked": round(hooked, 2),
+                     "fp32_program": emulated[("fp32", "CPU_ONLY")],
+                     "units": [emulated[("fp16", cu)] for cu in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")],
+                     "sum_per_cu": round(total / 3, 2)})
+    return rows
+
+
 def bench_diagnose(repeats: int) -> list[dict]:
     rows = []
     for label, sample in MODELS.items():
@@ -172,12 +205,15 @@ def bench_diagnose(repeats: int) -> list[dict]:
         diag_s, base, diag_ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
         with runs_only():
             _, _, runs_ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
+            _, _, no_local_ratio = median_ratio(lambda: cl.diagnose(conv, progress=False, local=False),
+                                             torch_forward, repeats)
         model_s, _, model_ratio = median_ratio(diagnose_model, torch_forward, max(3, repeats // 2))
         torch_rise = median_rise(torch_forward, 5)
         diag_rise = median_rise(diagnose_conversion, 5)
         rows.append({"model": label, "torch_ms": round(base * 1e3, 2), "diagnose_s": round(diag_s, 3),
                      "ratio_per_cu": round(diag_ratio / 3, 2), "target": 4.0,
                      "runs_only_ratio_per_cu": round(runs_ratio / 3, 2),
+                     "runs_only_no_local_per_cu": round(no_local_ratio / 3, 2),
                      "diagnose_model_s": round(model_s, 3), "model_ratio_per_cu": round(model_ratio / 3, 2),
                      "conversion_s": round(convert_s, 2),
                      "torch_peak_mb": round(torch_rise / 2 ** 20, 1),
@@ -198,23 +234,33 @@ def main(argv=None) -> int:
         flag = "" if r["ratio"] <= r["target"] else "  (above target)"
         print(f"{r['model']:12} {r['precision']:9} {r['compute_unit']:13} {r['torch_ms']:9.2f} "
               f"{r['emulator_ms']:12.2f} {r['ratio']:6.2f} {r['target']:7.1f}{flag}")
+    whole = bench_whole_runs(args.repeats, rows)
+    print()
+    print("whole-model runs of one diagnosis, each alone (ratio to a torch forward); their sum per unit")
+    print(f"{'model':12} {'golden FP64':>12} {'torch FP32':>11} {'FP32 prog':>10} {'CPU/GPU/NE FP16':>16} "
+          f"{'sum / 3':>8}")
+    for r in whole:
+        units = "/".join(f"{u:.2f}" for u in r["units"])
+        print(f"{r['model']:12} {r['golden_fp64']:12.2f} {r['torch_fp32_hooked']:11.2f} {r['fp32_program']:10.2f} "
+              f"{units:>16} {r['sum_per_cu']:8.2f}")
     diag = bench_diagnose(args.repeats)
     print()
     print("diagnose(): 3 compute units, every layer, local error")
     print("  of a Conversion (the diagnosis alone), and of the model (+ trace, input check, cache lookup)")
-    print("  runs only: the same with statistics replaced by no-ops (the floor under any statistics)")
+    print("  runs only: the same with statistics replaced by no-ops (the floor under any statistics);")
+    print("  no local: the same without the per-op local re-runs")
     print(f"{'model':12} {'torch ms':>9} {'diagnose s':>11} {'per-CU ratio':>13} {'target':>7} "
-          f"{'runs only':>10} {'of model s':>11} {'per-CU':>7} {'torch MB':>9} {'diagnose MB':>12} "
+          f"{'runs only':>10} {'no local':>9} {'of model s':>11} {'per-CU':>7} {'torch MB':>9} {'diagnose MB':>12} "
           f"{'mem ratio':>10} {'convert s':>10}")
     for r in diag:
         flag = "" if r["ratio_per_cu"] <= r["target"] else "  (above target)"
         print(f"{r['model']:12} {r['torch_ms']:9.2f} {r['diagnose_s']:11.3f} {r['ratio_per_cu']:13.2f} "
-              f"{r['target']:7.1f} {r['runs_only_ratio_per_cu']:10.2f} "
+              f"{r['target']:7.1f} {r['runs_only_ratio_per_cu']:10.2f} {r['runs_only_no_local_per_cu']:9.2f} "
               f"{r['diagnose_model_s']:11.3f} {r['model_ratio_per_cu']:7.2f} "
               f"{r['torch_peak_mb']:9.1f} {r['diagnose_peak_mb']:12.1f} "
               f"{r['memory_ratio']:10.2f} {r['conversion_s']:10.2f}{flag}")
     if args.json:
-        args.json.write_text(json.dumps({"emulator": rows, "diagnose": diag}, indent=2))
+        args.json.write_text(json.dumps({"emulator": rows, "whole_runs": whole, "diagnose": diag}, indent=2))
     return 0
 
 

@@ -34,7 +34,7 @@ from .emulator.lockstep import SharedRun, same_computation, share_key, var_input
 from .emulator.profiles import PROFILES, get_profile, profile_label
 from .fp16 import FP16_MAX
 from .fp16 import RangeStats, const_ranges
-from .metrics import DiffStats, ErrorHistogram, ErrorStats, max_abs, reference_sums
+from .metrics import DiffStats, ErrorHistogram, ErrorStats, largest_finite, max_abs, reference_sums
 from .options import ConversionOptions, as_options
 from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
 from .report import Report
@@ -289,10 +289,7 @@ def _max_abs(a) -> tuple[float, bool]:
     if not a.numel():
         return 0.0, True
     m = max_abs(a)
-    if math.isfinite(m):
-        return m, True
-    finite = torch.isfinite(a)
-    return (float(a[finite].abs().max()) if bool(finite.any()) else 0.0), False
+    return (m, True) if math.isfinite(m) else (largest_finite(a), False)
 
 
 # ----------------------------------------------------------------------------- diagnose

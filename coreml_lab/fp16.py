@@ -51,11 +51,9 @@ class RangeStats:
         b = np.abs(x.reshape(-1))
         top = float(b.max())
         if not math.isfinite(top):  # NaN and inf propagate into max: mask only then
-            fin = np.isfinite(b)
-            self.nonfinite += int((~fin).sum())
-            b = b[fin]
-            if not b.size:
-                return
+            bad = ~np.isfinite(b)
+            self.nonfinite += int(np.count_nonzero(bad))
+            b[bad] = 0  # b is our own |x|; a zero changes no count below (zeros are left out of them)
             top = float(b.max())
         self.max_abs = max(self.max_abs, top)
         if top > FP16_MAX:  # only then count (overflow is rare)

@@ -13,7 +13,8 @@ Formulas (all sums and means run over every element of every input seen):
 When ``a`` has non-finite values where ``r`` is finite, the error metrics are
 ``inf`` (errors) and ``-inf`` (dB): a NaN output is never "close". A perfect
 match gives ``inf`` dB. Sums accumulate in float64; each tensor's own pass is FP32
-(vectorised torch) when all its values are finite, float64 otherwise.
+(vectorised torch; pairs with an inf/NaN on either side are counted, not summed), float64
+only if FP32 sums would overflow.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ class ErrorStats:
         """Accumulate ``a`` against ``r``; ``hist`` (if given) takes the same differences."""
         if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and not classifier \
                 and a.numel() == r.numel() and a.numel():
-            if self._add_fast(a, r, ref_sums, hist):
+            if self._add_fast(a, r, ref_sums, hist) or self._add_masked(a, r, hist):
                 return
-            a, r = paired_flat(a.detach(), r.detach())  # inf/NaN inside: the exact path, in numpy
+            a, r = paired_flat(a.detach(), r.detach())  # FP32 sums overflow: the exact path, in numpy
             a, r, classifier = a.float().numpy(), r.float().numpy(), False
         if isinstance(a, torch.Tensor):
             a = a.detach().float().numpy()
@@ -148,6 +149,39 @@ class ErrorStats:
             hist.add_abs_diff(d)
         return True
 
+    def _add_masked(self, a: torch.Tensor, r: torch.Tensor, hist=None) -> bool:
+        """Tensors with inf/NaN (an attention mask's -inf, an overflow): the pairs where both are
+        finite are compared as in :meth:`_add_fast`, the others counted as in :meth:`_add_exact`.
+        Pairs left out are zeroed rather than gathered, so it stays a few dense torch passes.
+        False if the FP32 sums overflow (the caller takes the float64 path)."""
+        a, given = paired_flat(a.detach(), r.detach())
+        ref_ok = finite(given)
+        both = finite(a) & ref_ok
+        n_ref_ok, n_both = int(ref_ok.sum()), int(both.sum())
+        zero = torch.zeros((), dtype=torch.float32)
+        r = torch.where(both, given.float(), zero)
+        d = torch.where(both, torch.sub(a, r), zero)  # an FP16 value is promoted inside the subtraction
+        if d.dtype != torch.float32:
+            d = d.float()
+        dd, rd, rr = float(torch.dot(d, d)), float(torch.dot(r, d)), float(torch.dot(r, r))
+        if not (math.isfinite(dd) and math.isfinite(rd) and math.isfinite(rr)):
+            return False
+        self.n += r.numel()
+        self.ref_nonfinite += r.numel() - n_ref_ok
+        self.n_nonfinite += n_ref_ok - n_both
+        if n_both:
+            d = d.abs_()
+            self.sum_abs += float(d.sum())
+            self.max_abs = max(self.max_abs, float(d.max()))
+            self.sum_sq_err += dd
+            self.sum_sq_ref += rr
+            self.sum_sq_val += rr + 2 * rd + dd
+            self.sum_prod += rr + rd
+            self.max_ref = max(self.max_ref, max_abs(r))
+        if hist is not None:
+            hist.add(a, given)  # it masks its own sample
+        return True
+
     def merge(self, other: "ErrorStats") -> None:
         """Add another accumulator's counts (one measurement shared by several compute units)."""
         for f in ("n", "n_nonfinite", "sum_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_val", "sum_prod", "rows",
@@ -216,6 +250,17 @@ def max_abs(t: torch.Tensor) -> float:
     return max(-float(lo), float(hi))
 
 
+def finite(t: torch.Tensor) -> torch.Tensor:
+    """Mask of the finite elements of a floating tensor: ``|t| < inf`` (NaN compares False),
+    two passes where ``torch.isfinite`` makes several on CPU."""
+    return t.abs() < math.inf
+
+
+def largest_finite(t: torch.Tensor) -> float:
+    """max |t| over the finite elements (0 if none), without gathering them."""
+    return max_abs(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
+
+
 class DiffStats:
     """Light divergence between two results (compute-unit pairs): max |a - b| relative to max |b|."""
 
@@ -240,13 +285,14 @@ class DiffStats:
         a, b = paired_flat(a.detach(), b.detach())
         a = a.float()  # the subtraction promotes an FP16 b itself
         d = max_abs(torch.sub(a, b))
-        if not math.isfinite(d):
+        if not math.isfinite(d):  # compare where both are finite (zeroed elsewhere: no gather)
             b = b.float()
-            fa, fb = torch.isfinite(a), torch.isfinite(b)
+            fa, fb = finite(a), finite(b)
             out.nonfinite = int((fa != fb).sum())
             both = fa & fb
-            a, b = a[both], b[both]
-            d = max_abs(a - b)
+            zero = torch.zeros((), dtype=torch.float32)
+            b = torch.where(both, b, zero)
+            d = max_abs(torch.where(both, torch.sub(a, b), zero))
             max_b = None
         out.max_abs = d
         out.max_ref = max_b if max_b is not None else max_abs(b)

@@ -266,6 +266,31 @@ def test_fast_torch_statistics_match_the_exact_numpy_path():
     assert rf.result() == pytest.approx(re_.result(), nan_ok=True)
 
 
+@pytest.mark.parametrize("scale", [3.0, 1e25])  # 1e25: FP32 sums overflow, the float64 path takes over
+def test_statistics_with_inf_and_nan_match_the_exact_numpy_path(scale, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(8, 128, 128, generator=g) * scale
+    r.masked_fill_(torch.ones(128, 128, dtype=torch.bool).triu(1), -math.inf)  # a causal attention mask
+    a = (r + torch.randn(8, 128, 128, generator=g) * 1e-3 * scale).half() if scale < 1e4 else r * (1 + 1e-6)
+    a = a.float()
+    a[0, 5, :3] = math.nan  # the result broke where the reference is finite
+    a[1, 0, 0] = math.inf
+    r[2, 9, 1] = math.nan  # and the reference itself is not finite once
+    fast, exact = metrics.ErrorStats(), metrics.ErrorStats()
+    hf, he = metrics.ErrorHistogram(), metrics.ErrorHistogram()
+    exact._add_exact(a.numpy(), r.numpy(), False, he)
+    took_exact = []
+    real = metrics.ErrorStats._add_exact
+    monkeypatch.setattr(metrics.ErrorStats, "_add_exact", lambda *args: took_exact.append(1) or real(*args))
+    fast.add(a, r, classifier=False, hist=hf)
+    assert bool(took_exact) == (scale > 1e4)
+    assert (fast.n, fast.n_nonfinite, fast.ref_nonfinite) == (exact.n, exact.n_nonfinite, exact.ref_nonfinite) \
+        == (a.numel(), 4, 8 * 128 * 127 // 2 + 1)
+    for k in ("sum_abs", "max_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_val", "sum_prod", "max_ref"):
+        assert getattr(fast, k) == pytest.approx(getattr(exact, k), rel=1e-5), k
+    assert hf.to_dict() == he.to_dict()
+
+
 def _frames(rep):
     return {"layers": rep.layers, "outputs": rep.outputs, "divergence": rep.divergence,
             "fp16_range": rep.fp16_range, "references": rep.references, "torch_layers": rep.torch_layers}
@@ -356,7 +381,7 @@ def test_statistics_with_infinities_match_a_plain_float64_computation():
     assert res["nonfinite_frac"] == pytest.approx((np.isfinite(r64) & ~np.isfinite(a64)).sum() / r64.size)
     assert res["max_abs_err"] == math.inf  # any non-finite value where the reference is finite
     assert got.max_abs == pytest.approx(np.abs(d).max()) and got.sum_abs == pytest.approx(np.abs(d).sum())
-    assert got.sum_prod == pytest.approx((a64[ok] * r64[ok]).sum(), rel=1e-9)
+    assert got.sum_prod == pytest.approx((a64[ok] * r64[ok]).sum(), rel=1e-6)  # each tensor's own pass is FP32
     assert got.ref_nonfinite == 1
 
 
