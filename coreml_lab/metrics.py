@@ -373,7 +373,7 @@ class ErrorHistogram:
 
     def add_abs_diff(self, d: torch.Tensor) -> None:
         """Add finite absolute differences |a - r| (flat FP32), sampled like :meth:`add`."""
-        self._add_abs(self.sample(d))
+        self._add_abs(self.sample(d).contiguous())  # numpy's log10 is vectorised on dense arrays only
 
     def _add_abs(self, d: torch.Tensor) -> None:
         # one bincount over slots: 0 = exact or below the first edge, 1..bins = the bins,
