@@ -291,6 +291,18 @@ def test_statistics_with_inf_and_nan_match_the_exact_numpy_path(scale, monkeypat
     assert hf.to_dict() == he.to_dict()
 
 
+def test_divergence_and_largest_value_skip_non_finite_elements():
+    from coreml_lab.diagnosis import _max_abs
+
+    a = torch.tensor([1.0, -math.inf, 3.0, math.nan, -7.0, 2.0])
+    b = torch.tensor([1.5, -math.inf, 3.0, 4.0, 9.0, math.inf]).half()
+    div = metrics.DiffStats.measure(a, b)
+    # compared where both are finite: |1 - 1.5|, |3 - 3|, |-7 - 9|; two pairs finite on one side only
+    assert (div.max_abs, div.max_ref, div.nonfinite, div.n) == (16.0, 9.0, 2, 6)
+    assert _max_abs(a) == (7.0, False) and _max_abs(torch.tensor([math.nan, math.inf])) == (0.0, False)
+    assert _max_abs(torch.tensor([-2.0, 1.0])) == (2.0, True)
+
+
 def _frames(rep):
     return {"layers": rep.layers, "outputs": rep.outputs, "divergence": rep.divergence,
             "fp16_range": rep.fp16_range, "references": rep.references, "torch_layers": rep.torch_layers}
