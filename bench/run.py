@@ -48,6 +48,14 @@ from coreml_lab.emulator import EmulatedModel  # noqa: E402
 MODELS = {"resnet": "deep_residual", "transformer": "transformer_mask"}
 
 
+def forward_of(model, inputs):
+    """The baseline: one torch eager forward of ``model`` (no autograd)."""
+    def forward():
+        with torch.no_grad():
+            model(*inputs)
+    return forward
+
+
 def median_ratio(fn, base_fn, repeats: int, per_base: int = 3) -> tuple[float, float, float]:
     """(median time of ``fn``, median time of ``base_fn``, median of their per-round ratios).
 
@@ -78,11 +86,7 @@ def bench_emulator(repeats: int) -> list[dict]:
         conv32 = cl.convert(model, inputs, cl.ConversionOptions(precision="fp32"))
         conv16 = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
         feeds = conv32.example_inputs.as_numpy()
-
-        def torch_forward():
-            with torch.no_grad():
-                model(*inputs)
-
+        torch_forward = forward_of(model, inputs)
         runs = [("fp32", "CPU_ONLY", conv32), ("fp16", "CPU_ONLY", conv16), ("fp16", "CPU_AND_GPU", conv16),
                 ("fp16", "CPU_AND_NE", conv16)]
         for precision, cu, conv in runs:
@@ -166,10 +170,7 @@ def bench_whole_runs(repeats: int, emulator_rows: list[dict]) -> list[dict]:
         leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
         twin = lazy_double_copy(model)
 
-        def torch_forward():
-            with torch.no_grad():
-                model(*inputs)
-
+        torch_forward = forward_of(model, inputs)
         _, _, golden = median_ratio(lambda: run_torch(model, tensors, dtype=torch.float64, double_model=twin),
                                     torch_forward, repeats)
         _, _, hooked = median_ratio(lambda: run_torch(model, tensors, leaves), torch_forward, repeats)
@@ -192,9 +193,7 @@ def bench_diagnose(repeats: int) -> list[dict]:
         cl.convert(model, inputs, options.replace(precision="fp32"))
         convert_s = time.perf_counter() - t
 
-        def torch_forward():
-            with torch.no_grad():
-                model(*inputs)
+        torch_forward = forward_of(model, inputs)
 
         def diagnose_conversion():
             return cl.diagnose(conv, progress=False)
