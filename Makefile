@@ -11,6 +11,11 @@ LAB_ARGS ?=
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 
+# glibc hands freed memory at the top of its heap back to the OS and faults it in again on the
+# next allocation; a diagnosis frees and reallocates the same large buffers many times (FP64
+# convolutions unfold their input). Notebooks run with freed memory kept for reuse (README: Speed).
+MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
+
 .PHONY: setup lab test report bench test-onnx-import clean-cache
 
 $(STAMP): pyproject.toml
@@ -25,7 +30,7 @@ setup: $(STAMP)
 
 ## make lab: start JupyterLab on notebooks/
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
+	env $(MALLOC_KEEP) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 ## make test: the whole test suite (ONNX import has its own venv: make test-onnx-import)
 test: setup
@@ -33,11 +38,11 @@ test: setup
 
 ## make report: execute every notebook headless, write HTML to reports/
 report: setup
-	$(PY) tools/render_notebooks.py notebooks reports
+	env $(MALLOC_KEEP) $(PY) tools/render_notebooks.py notebooks reports
 
 ## make bench: emulator and diagnosis speed/memory ratios against a torch forward
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py --malloc-env "$(MALLOC_KEEP)"
 
 # onnx2torch needs torchvision, which only installs beside a (large) CUDA torch build here.
 $(ONNX_STAMP): pyproject.toml

@@ -23,6 +23,8 @@ torch eager forward (FP32) is the baseline.
   alone, plus the four emulator runs above (the FP32 program and each unit's FP16 run),
   summed and divided by three: what one diagnosis costs per unit before any op is re-run
   alone and before any statistic - a floor no bookkeeping can go under.
+* ``--malloc-env "MALLOC_...=..."`` (``make bench`` passes what ``make lab`` runs notebooks
+  with): ``diagnose(conv)`` timed again in a fresh process under those glibc settings.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -221,11 +225,49 @@ def bench_diagnose(repeats: int) -> list[dict]:
     return rows
 
 
+def diagnose_ratios(repeats: int) -> dict:
+    """Per model, ``diagnose(conv)``'s median ratio per compute unit (the subprocess of --malloc-env)."""
+    out = {}
+    for label, sample in MODELS.items():
+        model, inputs, _ = sample_models.build(sample, size="bench")
+        conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
+        _, _, ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), forward_of(model, inputs), repeats)
+        out[label] = round(ratio / 3, 2)
+    return out
+
+
+def parse_malloc_env(malloc_env: str) -> dict:
+    """``"NAME=value ..."`` of glibc settings as a dict; a clear error for anything else."""
+    settings = {}
+    for item in malloc_env.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MALLOC_"):
+            raise SystemExit(f"--malloc-env takes NAME=value glibc settings (MALLOC_...), got {item!r}")
+        settings[name] = value
+    return settings
+
+
+def with_malloc_env(settings: dict, repeats: int) -> dict:
+    """:func:`diagnose_ratios` in a fresh process under the glibc ``settings``: glibc reads them at
+    start-up, so they cannot be switched on in this process."""
+    env = {**os.environ, **settings}
+    out = subprocess.run([sys.executable, __file__, "--ratios-only", "--repeats", str(repeats)], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--malloc-env", default="",
+                    help="glibc settings (NAME=value ...) to time diagnose(conv) under as well, as `make lab` runs it")
+    ap.add_argument("--ratios-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    malloc_settings = parse_malloc_env(args.malloc_env)
+    if args.ratios_only:
+        print(json.dumps(diagnose_ratios(args.repeats)))
+        return 0
     rows = bench_emulator(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} interleaved rounds")
     print(f"{'model':12} {'precision':9} {'compute unit':13} {'torch ms':>9} {'emulator ms':>12} {'ratio':>6} {'target':>7}")
@@ -258,8 +300,17 @@ def main(argv=None) -> int:
               f"{r['diagnose_model_s']:11.3f} {r['model_ratio_per_cu']:7.2f} "
               f"{r['torch_peak_mb']:9.1f} {r['diagnose_peak_mb']:12.1f} "
               f"{r['memory_ratio']:10.2f} {r['conversion_s']:10.2f}{flag}")
+    kept = {}
+    if malloc_settings:
+        kept = with_malloc_env(malloc_settings, args.repeats)
+        print()
+        print(f"diagnose(conversion) per compute unit with freed memory kept for reuse ({args.malloc_env}):")
+        for label, ratio in kept.items():
+            flag = "" if ratio <= 4.0 else "  (above target)"
+            print(f"{label:12} {ratio:6.2f}{flag}")
     if args.json:
-        args.json.write_text(json.dumps({"emulator": rows, "whole_runs": whole, "diagnose": diag}, indent=2))
+        args.json.write_text(json.dumps({"emulator": rows, "whole_runs": whole, "diagnose": diag,
+                                         "diagnose_malloc_kept": kept}, indent=2))
     return 0
 
 

@@ -49,6 +49,13 @@ def test_make_lab_starts_jupyterlab_on_notebooks(tmp_path):
         assert any(n.endswith(".ipynb") for n in names) or listing["path"] == "", names
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=10) as r:
             assert r.status == 200 and b"JupyterLab" in r.read()
+        # the server (and so every kernel it starts) keeps freed memory for reuse (README: Speed)
+        servers = list((tmp_path / "runtime").glob("jpserver-*.json"))
+        assert len(servers) == 1, servers
+        pid = json.loads(servers[0].read_text())["pid"]
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        assert environ.get("MALLOC_TRIM_THRESHOLD_") and environ.get("MALLOC_MMAP_THRESHOLD_"), sorted(environ)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
