@@ -23,6 +23,8 @@ torch eager forward (FP32) is the baseline.
   alone, plus the four emulator runs above (the FP32 program and each unit's FP16 run),
   summed and divided by three: what one diagnosis costs per unit before any op is re-run
   alone and before any statistic - a floor no bookkeeping can go under.
+* The transformer at BERT-base's shape (``size="base"``): ``diagnose(conv)``, its runs only
+  and its memory, to show how the ratios move with model size.
 * ``--malloc-env "MALLOC_...=..."`` (``make bench`` passes what ``make lab`` runs notebooks
   with): ``diagnose(conv)`` timed again in a fresh process under those glibc settings.
 """
@@ -225,6 +227,21 @@ def bench_diagnose(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_base(repeats: int) -> dict:
+    """``diagnose(conv)`` of the transformer at BERT-base's shape: how the ratios move with size."""
+    model, inputs, _ = sample_models.build("transformer_mask", size="base")
+    conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
+    torch_forward = forward_of(model, inputs)
+    _, base, ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), torch_forward, repeats)
+    with runs_only():
+        _, _, runs_ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), torch_forward, repeats)
+    torch_rise = median_rise(torch_forward, 3)
+    diag_rise = median_rise(lambda: cl.diagnose(conv, progress=False), 3)
+    return {"model": "transformer (base)", "torch_ms": round(base * 1e3, 1), "ratio_per_cu": round(ratio / 3, 2),
+            "runs_only_ratio_per_cu": round(runs_ratio / 3, 2),
+            "memory_ratio": round(diag_rise / max(torch_rise, 1), 2)}
+
+
 def diagnose_ratios(repeats: int) -> dict:
     """Per model, ``diagnose(conv)``'s median ratio per compute unit (the subprocess of --malloc-env)."""
     out = {}
@@ -300,6 +317,12 @@ def main(argv=None) -> int:
               f"{r['diagnose_model_s']:11.3f} {r['model_ratio_per_cu']:7.2f} "
               f"{r['torch_peak_mb']:9.1f} {r['diagnose_peak_mb']:12.1f} "
               f"{r['memory_ratio']:10.2f} {r['conversion_s']:10.2f}{flag}")
+    base = bench_base(max(5, args.repeats // 2))
+    print()
+    print("the transformer at BERT-base's shape (12 layers, dim 768, 128 tokens): diagnose(conversion)")
+    print(f"{'model':20} {'torch ms':>9} {'per-CU ratio':>13} {'runs only':>10} {'mem ratio':>10}")
+    print(f"{base['model']:20} {base['torch_ms']:9.1f} {base['ratio_per_cu']:13.2f} "
+          f"{base['runs_only_ratio_per_cu']:10.2f} {base['memory_ratio']:10.2f}")
     kept = {}
     if malloc_settings:
         kept = with_malloc_env(malloc_settings, args.repeats)
@@ -310,7 +333,7 @@ def main(argv=None) -> int:
             print(f"{label:12} {ratio:6.2f}{flag}")
     if args.json:
         args.json.write_text(json.dumps({"emulator": rows, "whole_runs": whole, "diagnose": diag,
-                                         "diagnose_malloc_kept": kept}, indent=2))
+                                         "diagnose_base": base, "diagnose_malloc_kept": kept}, indent=2))
     return 0
 
 

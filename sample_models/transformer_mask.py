@@ -58,12 +58,20 @@ class MaskedEncoder(nn.Module):
         return self.head(self.norm(x))
 
 
+SIZES = {  # vocab, dim, heads, layers, tokens
+    "small": (64, 32, 4, 2, 16),
+    "bench": (512, 256, 8, 4, 128),
+    "base": (1000, 768, 12, 12, 128),  # BERT-base's shape: how the bench ratios move with model size
+}
+
+
 def build(seed: int = 0, size: str = "small"):
-    """``size="small"``: 2 layers, dim 32, 16 tokens; ``"bench"``: 4 layers, dim 256, 128 tokens."""
-    if size not in ("small", "bench"):
-        raise ValueError(f"size must be 'small' or 'bench', got {size!r}")
+    """``size="small"``: 2 layers, dim 32, 16 tokens; ``"bench"``: 4 layers, dim 256, 128 tokens;
+    ``"base"``: 12 layers, dim 768, 128 tokens."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(map(repr, SIZES))}, got {size!r}")
     g = seeded(seed)
-    vocab, dim, heads, layers, seq = (64, 32, 4, 2, 16) if size == "small" else (512, 256, 8, 4, 128)
+    vocab, dim, heads, layers, seq = SIZES[size]
     model = MaskedEncoder(vocab, dim, heads, layers, seq).eval()
     tokens = torch.randint(0, vocab, (1, seq), generator=g)
     return model, (tokens,), (f"Transformer encoder ({layers} layers, dim {dim}) with a causal mask built "

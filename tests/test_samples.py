@@ -79,3 +79,5 @@ def test_bench_sizes_exist():
         assert sum(p.numel() for p in model.parameters()) > 100_000
         with pytest.raises(ValueError, match="size must be"):
             mod.build(size="huge")
+    model, _, _ = sample_models.transformer_mask.build(size="base")  # the bench's size comparison
+    assert sum(p.numel() for p in model.parameters()) > 80_000_000
