@@ -136,8 +136,16 @@ class ErrorStats:
         rr, rmax = ref_sums if ref_sums is not None else reference_sums(r)
         if not (math.isfinite(dd) and math.isfinite(rd) and math.isfinite(rr)):
             return False  # inf/NaN in a value (it propagates into the sums) or FP32 overflow: the exact path
-        d = d.abs_()
         self.n += d.numel()
+        d = self._add_sums(d, dd, rd, rr, rmax)
+        if hist is not None:
+            hist.add_abs_diff(d)
+        return True
+
+    def _add_sums(self, d: torch.Tensor, dd: float, rd: float, rr: float, rmax: float) -> torch.Tensor:
+        """Accumulate one tensor's differences ``d`` (made |d| in place, and returned) and its dot
+        products d.d, r.d, r.r: ``a.r = r.r + r.d``, ``a.a = r.r + 2 r.d + d.d``."""
+        d = d.abs_()
         self.sum_abs += float(d.sum())
         self.max_abs = max(self.max_abs, float(d.max()))
         self.sum_sq_err += dd
@@ -145,9 +153,7 @@ class ErrorStats:
         self.sum_sq_val += rr + 2 * rd + dd
         self.sum_prod += rr + rd
         self.max_ref = max(self.max_ref, rmax)
-        if hist is not None:
-            hist.add_abs_diff(d)
-        return True
+        return d
 
     def _add_masked(self, a: torch.Tensor, r: torch.Tensor, hist=None) -> bool:
         """Tensors with inf/NaN (an attention mask's -inf, an overflow): the pairs where both are
@@ -158,9 +164,8 @@ class ErrorStats:
         ref_ok = finite(given)
         both = finite(a) & ref_ok
         n_ref_ok, n_both = int(ref_ok.sum()), int(both.sum())
-        zero = torch.zeros((), dtype=torch.float32)
-        r = torch.where(both, given.float(), zero)
-        d = torch.where(both, torch.sub(a, r), zero)  # an FP16 value is promoted inside the subtraction
+        r = only_where(both, given.float())
+        d = only_where(both, torch.sub(a, r))  # an FP16 value is promoted inside the subtraction
         if d.dtype != torch.float32:
             d = d.float()
         dd, rd, rr = float(torch.dot(d, d)), float(torch.dot(r, d)), float(torch.dot(r, r))
@@ -170,14 +175,7 @@ class ErrorStats:
         self.ref_nonfinite += r.numel() - n_ref_ok
         self.n_nonfinite += n_ref_ok - n_both
         if n_both:
-            d = d.abs_()
-            self.sum_abs += float(d.sum())
-            self.max_abs = max(self.max_abs, float(d.max()))
-            self.sum_sq_err += dd
-            self.sum_sq_ref += rr
-            self.sum_sq_val += rr + 2 * rd + dd
-            self.sum_prod += rr + rd
-            self.max_ref = max(self.max_ref, max_abs(r))
+            self._add_sums(d, dd, rd, rr, max_abs(r))
         if hist is not None:
             hist.add(a, given)  # it masks its own sample
         return True
@@ -256,6 +254,12 @@ def finite(t: torch.Tensor) -> torch.Tensor:
     return t.abs() < math.inf
 
 
+def only_where(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` where ``mask`` holds, 0 elsewhere: pairs left out of a comparison are zeroed (they then
+    add nothing to sums or maxima of |.|) rather than gathered, which is a slow copy on CPU."""
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
+
+
 def largest_finite(t: torch.Tensor) -> float:
     """max |t| over the finite elements (0 if none), without gathering them."""
     return max_abs(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
@@ -290,9 +294,8 @@ class DiffStats:
             fa, fb = finite(a), finite(b)
             out.nonfinite = int((fa != fb).sum())
             both = fa & fb
-            zero = torch.zeros((), dtype=torch.float32)
-            b = torch.where(both, b, zero)
-            d = max_abs(torch.where(both, torch.sub(a, b), zero))
+            b = only_where(both, b)
+            d = max_abs(only_where(both, torch.sub(a, b)))
             max_b = None
         out.max_abs = d
         out.max_ref = max_b if max_b is not None else max_abs(b)
