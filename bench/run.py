@@ -189,6 +189,23 @@ def bench_whole_runs(repeats: int, emulator_rows: list[dict]) -> list[dict]:
     return rows
 
 
+def diagnosis_figures(conv, torch_forward, repeats: int, rises: int) -> dict:
+    """``diagnose(conv)`` against ``torch_forward``: time, ratio per unit, the same with statistics
+    as no-ops, and peak memory (median of ``rises`` calls each)."""
+    def diagnose_conversion():
+        return cl.diagnose(conv, progress=False)
+
+    diag_s, base, ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
+    with runs_only():
+        _, _, runs_ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
+    torch_rise = median_rise(torch_forward, rises)
+    diag_rise = median_rise(diagnose_conversion, rises)
+    return {"torch_ms": round(base * 1e3, 2), "diagnose_s": round(diag_s, 3), "ratio_per_cu": round(ratio / 3, 2),
+            "runs_only_ratio_per_cu": round(runs_ratio / 3, 2),
+            "torch_peak_mb": round(torch_rise / 2 ** 20, 1), "diagnose_peak_mb": round(diag_rise / 2 ** 20, 1),
+            "memory_ratio": round(diag_rise / max(torch_rise, 1), 2)}
+
+
 def bench_diagnose(repeats: int) -> list[dict]:
     rows = []
     for label, sample in MODELS.items():
@@ -198,32 +215,16 @@ def bench_diagnose(repeats: int) -> list[dict]:
         conv = cl.convert(model, inputs, options)
         cl.convert(model, inputs, options.replace(precision="fp32"))
         convert_s = time.perf_counter() - t
-
         torch_forward = forward_of(model, inputs)
-
-        def diagnose_conversion():
-            return cl.diagnose(conv, progress=False)
-
-        def diagnose_model():
-            return cl.diagnose(model, inputs, options, progress=False)
-
-        diag_s, base, diag_ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
+        row = {"model": label, "target": 4.0, **diagnosis_figures(conv, torch_forward, repeats, 5)}
         with runs_only():
-            _, _, runs_ratio = median_ratio(diagnose_conversion, torch_forward, repeats)
             _, _, no_local_ratio = median_ratio(lambda: cl.diagnose(conv, progress=False, local=False),
-                                             torch_forward, repeats)
-        model_s, _, model_ratio = median_ratio(diagnose_model, torch_forward, max(3, repeats // 2))
-        torch_rise = median_rise(torch_forward, 5)
-        diag_rise = median_rise(diagnose_conversion, 5)
-        rows.append({"model": label, "torch_ms": round(base * 1e3, 2), "diagnose_s": round(diag_s, 3),
-                     "ratio_per_cu": round(diag_ratio / 3, 2), "target": 4.0,
-                     "runs_only_ratio_per_cu": round(runs_ratio / 3, 2),
-                     "runs_only_no_local_per_cu": round(no_local_ratio / 3, 2),
+                                                torch_forward, repeats)
+        model_s, _, model_ratio = median_ratio(lambda: cl.diagnose(model, inputs, options, progress=False),
+                                               torch_forward, max(3, repeats // 2))
+        rows.append({**row, "runs_only_no_local_per_cu": round(no_local_ratio / 3, 2),
                      "diagnose_model_s": round(model_s, 3), "model_ratio_per_cu": round(model_ratio / 3, 2),
-                     "conversion_s": round(convert_s, 2),
-                     "torch_peak_mb": round(torch_rise / 2 ** 20, 1),
-                     "diagnose_peak_mb": round(diag_rise / 2 ** 20, 1),
-                     "memory_ratio": round(diag_rise / max(torch_rise, 1), 2)})
+                     "conversion_s": round(convert_s, 2)})
     return rows
 
 
@@ -231,15 +232,7 @@ def bench_base(repeats: int) -> dict:
     """``diagnose(conv)`` of the transformer at BERT-base's shape: how the ratios move with size."""
     model, inputs, _ = sample_models.build("transformer_mask", size="base")
     conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
-    torch_forward = forward_of(model, inputs)
-    _, base, ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), torch_forward, repeats)
-    with runs_only():
-        _, _, runs_ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), torch_forward, repeats)
-    torch_rise = median_rise(torch_forward, 3)
-    diag_rise = median_rise(lambda: cl.diagnose(conv, progress=False), 3)
-    return {"model": "transformer (base)", "torch_ms": round(base * 1e3, 1), "ratio_per_cu": round(ratio / 3, 2),
-            "runs_only_ratio_per_cu": round(runs_ratio / 3, 2),
-            "memory_ratio": round(diag_rise / max(torch_rise, 1), 2)}
+    return {"model": "transformer (base)", **diagnosis_figures(conv, forward_of(model, inputs), repeats, 3)}
 
 
 def diagnose_ratios(repeats: int) -> dict:
