@@ -34,6 +34,7 @@ lab: setup
 
 ## make test: the whole test suite (ONNX import has its own venv: make test-onnx-import)
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n auto -m "not onnx_import" $(PYTEST_ARGS)
 
 ## make report: execute every notebook headless, write HTML to reports/

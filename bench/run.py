@@ -47,9 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import coreml_lab as cl  # noqa: E402
-import sample_models  # noqa: E402
-from coreml_lab.emulator import EmulatedModel  # noqa: E402
+import coreml_lab as cl
+import sample_models
+from coreml_lab.emulator import EmulatedModel
 
 MODELS = {"resnet": "deep_residual", "transformer": "transformer_mask"}
 

@@ -123,7 +123,7 @@ def _read_npz(data: bytes) -> dict:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise BundleError(f"an array file of the bundle cannot be read ({type(exc).__name__}: {exc})") from exc
 
 

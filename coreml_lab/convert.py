@@ -19,8 +19,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,7 @@ def _all_ops(block):
 
 
 #: the last few conversions of this process, by cache key: a cache hit without reloading the package
-_RECENT: "OrderedDict[tuple, Conversion]" = OrderedDict()
+_RECENT: OrderedDict[tuple, Conversion] = OrderedDict()
 RECENT_SIZE = 6
 
 
@@ -263,7 +263,7 @@ def _load_from_disk(key: str, options: ConversionOptions, inputs, source) -> Con
         mlmodel = ct.models.MLModel(shell.get_spec(), weights_dir=shell.weights_dir, mil_program=program,
                                     skip_model_load=True)
     except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, not a failure
-        warnings.warn(f"ignoring damaged conversion cache entry {root}: {exc}")
+        warnings.warn(f"ignoring damaged conversion cache entry {root}: {exc}", stacklevel=2)
         return None
     return Conversion(
         mlmodel=mlmodel, program=program, options=options, spec_version=meta["spec_version"],
@@ -370,7 +370,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
                 mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, options)
             else:
                 mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs()), {}
-        except Exception as exc:  # noqa: BLE001 - re-raised with what was captured
+        except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
             raise ConversionError(str(exc), env_messages + notes + prep_messages + list(captured) + [failure],
                                   options, method) from exc
@@ -395,7 +395,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
             _save_to_cache(key, conv)
             _remember(key, dataclasses.replace(conv, from_cache=True, prepared=None))
         except OSError as exc:
-            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}")
+            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
     return conv
 
 
@@ -414,7 +414,7 @@ def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
     except Exception as exc:  # noqa: BLE001 - the plain conversion decides whether the model converts
         mlmodel = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs())
         warnings.warn(f"coremltools' op mapping failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                      "layer names come from op scopes instead")
+                      "layer names come from op scopes instead", stacklevel=2)
         return mlmodel, {}
 
 
@@ -450,7 +450,7 @@ def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict
             # coremltools converts the ATEN dialect; this returns a new program (the user's is kept)
             ep = ep.run_decompositions({})
             warnings.warn("the exported program was in the TRAINING dialect; converted "
-                          "ep.run_decompositions({}) as coremltools requires")
+                          "ep.run_decompositions({}) as coremltools requires", stacklevel=2)
         return ep, "exported_program", ep.graph_module.code, dict(ep.state_dict)
     prefix = "onnx2torch+" if source.kind == "onnx" else ""
     module = source.model
@@ -462,13 +462,13 @@ def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict
     except Exception as trace_exc:  # noqa: BLE001 - fall back to torch.export, and say so
         try:
             ep = torch.export.export(module, inputs.tensors).run_decompositions({})
-        except Exception as export_exc:  # noqa: BLE001
+        except Exception as export_exc:
             raise ConversionError(
                 f"torch.jit.trace failed ({type(trace_exc).__name__}: {trace_exc}) and torch.export failed "
                 f"({type(export_exc).__name__}: {export_exc})", [], ConversionOptions(), prefix + "trace/export",
             ) from export_exc
         warnings.warn(f"torch.jit.trace failed ({type(trace_exc).__name__}: {str(trace_exc).splitlines()[0]}); "
-                      "converted through torch.export instead")
+                      "converted through torch.export instead", stacklevel=2)
         return ep, prefix + "torch.export", ep.graph_module.code, dict(ep.state_dict)
 
 

@@ -23,7 +23,7 @@ import math
 import re
 import weakref
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,7 @@ from . import runtime as rt
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import SharedRun, same_computation, share_key, var_input_names
 from .emulator.profiles import PROFILES, get_profile, profile_label
-from .fp16 import FP16_MAX
-from .fp16 import RangeStats, const_ranges
+from .fp16 import FP16_MAX, RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, largest_finite, max_abs, reference_sums
 from .options import ConversionOptions, as_options
 from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
@@ -144,7 +143,7 @@ def _is_float(v) -> bool:
 
 
 #: interpreter -> indices of its steps with a non-finite constant input (weights do not change)
-_NONFINITE_CONSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NONFINITE_CONSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _steps_with_nonfinite_consts(interp) -> set:
@@ -241,7 +240,7 @@ class Lockstep:
 
 
 #: dev interpreter -> reference interpreter -> per dev step, the reference step computing the same
-_SAME_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SAME_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _same_steps(dev_interp, ref_interp, ref_of: dict) -> list:
@@ -632,11 +631,11 @@ class Diagnosis:
 
         ref_outs = ref.predict(feeds, on_op=on_ref)
         dev_outs = {}
-        for order, cu in enumerate(self.cus):
+        for _order, cu in enumerate(self.cus):
             runtime = rt.make_runtime(self.conv.mlmodel, cu, "coreml")
             counter = iter(range(10 ** 9))
 
-            def on_dev(r, cu=cu):
+            def on_dev(r, cu=cu, counter=counter):
                 st = self.stats[cu][r.name]
                 st.meta = (next(counter), r.op_name, r.op_type, "coreml", ())
                 val = np.asarray(r.value, dtype=np.float64)
@@ -820,7 +819,7 @@ def _paired_layer_map(conv: Conversion, ref_map, ref_of: dict):
 
 
 #: mlmodel -> compute unit -> its compiled emulator (a re-run diagnosis compiles nothing again)
-_EMULATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EMULATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _emulated(mlmodel, profile, module_of):

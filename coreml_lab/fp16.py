@@ -100,7 +100,7 @@ def range_of(x) -> dict:
 
 
 #: program -> its const_ranges rows (weights do not change; diagnoses repeat)
-_CONST_RANGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CONST_RANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def const_ranges(program) -> list[dict]:

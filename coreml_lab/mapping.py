@@ -18,8 +18,8 @@ module: it is used by an op outside the module, or is a program output.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from coremltools.converters.mil.mil.scope import ScopeSource
 
@@ -55,7 +55,7 @@ class LayerMap:
         return {"chains": {k: list(v) for k, v in self.chains.items()}, "source": self.source}
 
     @classmethod
-    def from_json(cls, d: dict) -> "LayerMap":
+    def from_json(cls, d: dict) -> LayerMap:
         return cls(chains={k: tuple(v) for k, v in d.get("chains", {}).items()}, source=d.get("source", "none"))
 
 

@@ -12,8 +12,8 @@ import contextlib
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ class Message:
     source: str                # "warnings" | "logging" | "coreml_lab" | "exception" | "coremltools import"
     category: str = ""         # warning class or logger name
     location: str = ""         # file:line for warnings
-    explanation: Optional[Explanation] = None
+    explanation: Explanation | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Message":
+    def from_dict(cls, d: dict) -> Message:
         exp = d.get("explanation")
         return cls(**{**d, "explanation": Explanation(**exp) if exp else None})
 
@@ -138,7 +138,7 @@ _CATALOGUE: list[tuple[re.Pattern, Explanation]] = [
 ]
 
 
-def explain(text: str) -> Optional[Explanation]:
+def explain(text: str) -> Explanation | None:
     """The catalogue explanation for a message text, or None if it is not a known message."""
     for pattern, exp in _CATALOGUE:
         if pattern.search(text):

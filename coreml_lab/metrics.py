@@ -54,7 +54,7 @@ class ErrorStats:
     rows_agree: int = 0
     ref_nonfinite: int = 0
 
-    def add(self, a, r, classifier: bool | None = None, ref_sums=None, hist: "ErrorHistogram | None" = None) -> None:
+    def add(self, a, r, classifier: bool | None = None, ref_sums=None, hist: ErrorHistogram | None = None) -> None:
         """Accumulate ``a`` against ``r``; ``hist`` (if given) takes the same differences."""
         if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and not classifier \
                 and a.numel() == r.numel() and a.numel():
@@ -180,7 +180,7 @@ class ErrorStats:
             hist.add(a, given)  # it masks its own sample
         return True
 
-    def merge(self, other: "ErrorStats") -> None:
+    def merge(self, other: ErrorStats) -> None:
         """Add another accumulator's counts (one measurement shared by several compute units)."""
         for f in ("n", "n_nonfinite", "sum_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_val", "sum_prod", "rows",
                   "rows_agree", "ref_nonfinite"):
@@ -279,7 +279,7 @@ class DiffStats:
         self.merge(DiffStats.measure(a, b, max_b))
 
     @staticmethod
-    def measure(a: torch.Tensor, b: torch.Tensor, max_b: float | None = None) -> "DiffStats":
+    def measure(a: torch.Tensor, b: torch.Tensor, max_b: float | None = None) -> DiffStats:
         """The divergence of one pair alone (to :meth:`merge` into several accumulators)."""
         out = DiffStats()
         out.n = a.numel()
@@ -301,7 +301,7 @@ class DiffStats:
         out.max_ref = max_b if max_b is not None else max_abs(b)
         return out
 
-    def merge(self, other: "DiffStats") -> None:
+    def merge(self, other: DiffStats) -> None:
         self.n += other.n
         self.nonfinite += other.nonfinite
         self.max_abs = max(self.max_abs, other.max_abs)
@@ -395,7 +395,7 @@ class ErrorHistogram:
         self.counts += slots[1:bins + 1]
         self.above += int(slots[bins + 1])
 
-    def merge(self, other: "ErrorHistogram") -> None:
+    def merge(self, other: ErrorHistogram) -> None:
         self.counts += other.counts
         self.exact += other.exact
         self.nonfinite += other.nonfinite

@@ -138,7 +138,7 @@ class ConversionOptions:
             kw["outputs"] = list(self.outputs)
         return kw
 
-    def replace(self, **changes) -> "ConversionOptions":
+    def replace(self, **changes) -> ConversionOptions:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ cache key

@@ -9,8 +9,8 @@ carrying their output), so memory stays proportional to what is compared.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class TorchRun:
     def take(self, path: str):
         """Generator form of :meth:`module_output` (as :meth:`TorchPump.take`; never waits)."""
         return self.module_output(path)
-        yield  # noqa: unreachable - makes this a generator
+        yield  # unreachable: makes this a generator
 
 
 class TorchPump:

@@ -90,7 +90,7 @@ class Report:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def failed(cls, options, exc, compute_units, runtime: str = "emulator") -> "Report":
+    def failed(cls, options, exc, compute_units, runtime: str = "emulator") -> Report:
         """A report for a model that did not convert: empty tables, the error and its explanation."""
         return cls(layers=pd.DataFrame(columns=cls.LAYER_COLUMNS), outputs=pd.DataFrame(columns=cls.OUTPUT_COLUMNS),
                    fp16_range=pd.DataFrame(columns=cls.RANGE_COLUMNS), options=options,

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import platform
 import threading
-from typing import Callable, Protocol
-
-import numpy as np
+from collections.abc import Callable
+from typing import Protocol
 
 import coremltools as ct
+import numpy as np
 
 from .emulator import EmulatedModel
 from .emulator.interpreter import OpRecord

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class ExampleInputs:
             specs.append(ct.TensorType(name=n, shape=tuple(t.shape), dtype=dtype))
         return specs
 
-    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "ExampleInputs":
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> ExampleInputs:
         return ExampleInputs(self.names, tuple(tensors))
 
 
@@ -178,7 +179,7 @@ def _check_runs(fn, inputs: ExampleInputs, what: str, expected: str) -> None:
     try:
         with torch.no_grad():
             fn(*inputs.tensors)
-    except Exception as exc:  # noqa: BLE001 - reported in the user's terms
+    except Exception as exc:
         raise ExampleInputsError(
             f"the example inputs do not match the {what}: it expects {expected}; got {inputs.describe()}. "
             f"torch raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -241,7 +242,7 @@ def _load_path(path: Path, example) -> tuple[Source, ExampleInputs | None]:
     if suffix in TORCHSCRIPT_SUFFIXES:
         try:
             mod = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SourceError(f"{str(path)!r} is not a TorchScript file torch.jit.load can read "
                               f"({type(exc).__name__}: {exc}); save models with torch.jit.save") from exc
         src, inputs = load_source(mod, example)

@@ -21,7 +21,7 @@ import sample_models
 
 from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
-from .options import COMPUTE_UNITS, ConversionOptions, TARGETS
+from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
 
 YOUR_MODEL = "(your model)"
 TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Messages", "Fixes")
@@ -134,7 +134,7 @@ class Lab:
             if not report.ok:
                 self.error.value = _error_html(_ReportError(report))
             return report
-        except Exception as exc:  # noqa: BLE001 - shown in the panel and re-raised to the caller
+        except Exception as exc:
             self.error.value = _error_html(exc)
             self.status.value = "<b style='color:#d62728'>error</b>"
             raise
@@ -150,7 +150,7 @@ class Lab:
         try:
             model, inputs = self._model()
             self.fix = find_fp32_ops(model, inputs, self.options(), time_budget=time_budget)
-        except Exception as exc:  # noqa: BLE001 - shown and re-raised
+        except Exception as exc:
             self.error.value = _error_html(exc)
             raise
         with out:

@@ -1,6 +1,5 @@
 """Run bundles: exact round trips; truncated, tampered or escaping bundles are refused safely."""
 
-import io
 import json
 import math
 import zipfile

@@ -15,6 +15,7 @@ def test_generated_docs_are_current():
 def test_coverage_table_lists_every_coremltools_op():
     sys.path.insert(0, str(ROOT / "tools"))
     from gen_docs import coverage_markdown
+
     from coreml_lab.emulator import coverage_rows
 
     text = coverage_markdown()

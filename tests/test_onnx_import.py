@@ -58,7 +58,7 @@ def test_asr_sample_converts_from_onnx_and_matches_onnxruntime(tmp_path):
 
 def test_unsupported_recurrent_attribute_is_refused_clearly(tmp_path):
     import onnx
-    from onnx import helper, TensorProto
+    from onnx import TensorProto, helper
 
     h, i = 3, 2
     w = helper.make_tensor("W", TensorProto.FLOAT, [1, 3 * h, i], np.zeros(9 * 2, np.float32))

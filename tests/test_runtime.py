@@ -13,7 +13,6 @@ import platform
 import coremltools as ct
 import numpy as np
 import pytest
-import torch
 
 import coreml_lab as cl
 import sample_models
@@ -85,7 +84,7 @@ class EmulatorStandInForAsyncCoreMLModel:
 
 
 def test_coreml_runtime_asks_for_compute_units_inputs_and_every_intermediate(conv, monkeypatch):
-    from coremltools.models.ml_program.experimental import async_wrapper, debugging_utils
+    from coremltools.models.ml_program.experimental import debugging_utils
 
     monkeypatch.setattr(debugging_utils, "MLModelAsyncWrapper", EmulatorStandInForAsyncCoreMLModel)
     EmulatorStandInForCoreMLPredict.calls.clear()

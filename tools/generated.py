@@ -5,8 +5,8 @@ Shared by the generators in this folder, whose output is committed and checked b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 
 def write_or_check(files: Mapping[Path, Callable[[], str]], check: bool, command: str) -> int:

@@ -8,8 +8,16 @@ Emulated numbers reveal precision risk; they are not bit-exact device output.
 
 from .interpreter import OpExecutionError, OpRecord, UnsupportedOpError
 from .model import EmulatedModel, EmulatedState, EmulatorInputError
-from .profiles import (PROFILES, Device, DeviceProfile, Precision, get_profile, gpu_fp16_accumulation,
-                       ne_fp16_accumulation, strict_fp16_cpu)
+from .profiles import (
+                       PROFILES,
+                       Device,
+                       DeviceProfile,
+                       Precision,
+                       get_profile,
+                       gpu_fp16_accumulation,
+                       ne_fp16_accumulation,
+                       strict_fp16_cpu,
+)
 from .program import NotAnMLProgramError
 from .registry import coverage_rows, supported_ops
 

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import weakref
 from collections import ChainMap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import dtypes
-from .profiles import DeviceProfile, Precision, FP32_EXACT
+from .profiles import FP32_EXACT, DeviceProfile, Precision
 from .program import module_path
 from .registry import lookup, supported_ops
 
-
 #: MIL function -> its constants, shared by all interpreters of it (weights are held once per dtype)
-_SHARED_CONSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SHARED_CONSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -59,7 +59,7 @@ class OpRecord:
     output_index: int
     dtype: str           # declared MIL dtype
     storage: str         # dtype the device held it in
-    module: Optional[str]
+    module: str | None
     device: str
     value: Any
 
@@ -100,7 +100,7 @@ class OpCall:
 
     __slots__ = ("op", "step", "env")
 
-    def __init__(self, step: "Step"):
+    def __init__(self, step: Step):
         self.op = step.op
         self.step = step
         self.env = None
@@ -255,7 +255,7 @@ class Step:
             result = self.kernel.fn(call)
         except (UnsupportedOpError, OpExecutionError):
             raise
-        except Exception as exc:  # noqa: BLE001 - re-raised with the op named
+        except Exception as exc:
             where = f" (torch module {self.module!r})" if self.module else ""
             raise OpExecutionError(
                 f"emulating MIL op {self.op.op_type!r} named {self.op.name!r}{where} on "
@@ -271,7 +271,7 @@ class Step:
                 f"declares {len(self.outputs)} outputs"
             )
         out = []
-        for value, (_, declared, storage) in zip(results, self.outputs):
+        for value, (_, _declared, storage) in zip(results, self.outputs):
             if isinstance(value, np.ndarray) or isinstance(value, np.generic):
                 value = dtypes.to_torch(value)
             if isinstance(value, torch.Tensor) and storage is not None and value.dtype != storage:
@@ -283,7 +283,7 @@ class Step:
 class BlockPlan:
     """A compiled MIL block (the main function, or a body of cond / while_loop)."""
 
-    def __init__(self, block, interpreter: "Interpreter"):
+    def __init__(self, block, interpreter: Interpreter):
         self.block = block
         self.interpreter = interpreter
         self.input_names = [v.name for v in block.inputs.values()] if isinstance(block.inputs, dict) \
@@ -386,10 +386,10 @@ class BlockPlan:
         peak = len(local)
         for step in self.steps:
             values = step.run(env)
-            for (name, declared, _), value in zip(step.outputs, values):
+            for (name, _declared, _), value in zip(step.outputs, values):
                 local[name] = value
             if on_op is not None:
-                for i, ((name, declared, storage), value) in enumerate(zip(step.outputs, values)):
+                for i, ((name, declared, _storage), value) in enumerate(zip(step.outputs, values)):
                     on_op(OpRecord(
                         name=name, op_name=step.op.name, op_type=step.op.op_type, output_index=i,
                         dtype=declared,

@@ -9,8 +9,9 @@ and dtypes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,7 +219,7 @@ class EmulatedModel:
         else:
             try:
                 arr = np.asarray(value)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise EmulatorInputError(f"input {spec.name!r}: cannot read {type(value).__name__} as an array "
                                          f"(expected {spec.describe()})") from exc
         if arr.dtype.kind not in "biuf":

@@ -13,7 +13,7 @@ rounded to FP16): the worst case, documented in docs/device_profiles.md.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -26,8 +26,8 @@ can be changed with :meth:`DeviceProfile.with_device`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -159,7 +159,7 @@ class DeviceProfile:
         raise KeyError(f"profile {self.compute_unit!r} has no device {name!r}; it has "
                        f"{[d.name for d in self.devices]}")
 
-    def with_device(self, name: str, **changes) -> "DeviceProfile":
+    def with_device(self, name: str, **changes) -> DeviceProfile:
         """A copy where device ``name`` has some fields replaced.
 
         ``fp16=`` may be a Precision (applies to every family) or a mapping of

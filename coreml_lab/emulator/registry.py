@@ -7,8 +7,8 @@ so the docs table is generated, never hand-kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .profiles import FAMILIES
 
@@ -73,9 +73,9 @@ def supported_ops() -> list[str]:
 
 def coremltools_ops() -> dict[str, set[str]]:
     """MIL op type -> opset names (iOS15..iOS18) where coremltools defines it."""
+    from coremltools.converters.mil._deployment_compatibility import AvailableTarget
     from coremltools.converters.mil.mil.ops import defs  # noqa: F401 (registers ops)
     from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
-    from coremltools.converters.mil._deployment_compatibility import AvailableTarget
 
     order = {name: getattr(AvailableTarget, name) for name in OPSETS}
     table: dict[str, set[str]] = {}

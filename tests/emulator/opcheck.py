@@ -16,7 +16,7 @@ graph passes).
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import coremltools as ct
 import numpy as np

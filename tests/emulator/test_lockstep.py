@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
+from opcheck import run_mil
 
 from coreml_lab.emulator.interpreter import Step
 from coreml_lab.emulator.lockstep import SharedRun, numeric_signature
 from coreml_lab.emulator.profiles import FP16, FP32, HAZARDS, PROFILES, Precision
-from coreml_lab.emulator.registry import ALL_USES, _load_kernels, _KERNELS, lookup
-
-from opcheck import run_mil
+from coreml_lab.emulator.registry import _KERNELS, ALL_USES, _load_kernels, lookup
 
 RNG = np.random.default_rng(0)
 POSITIVE = {"x": RNG.uniform(0.1, 0.9, (3, 5)).astype(np.float32)}
@@ -96,8 +95,9 @@ def test_compute_dtype_matters_when_an_input_is_wider_than_fp16():
 
 
 def test_shared_run_refuses_interpreters_of_different_programs():
-    from coreml_lab.emulator.interpreter import Interpreter
     import coremltools as ct
+
+    from coreml_lab.emulator.interpreter import Interpreter
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(2,))], opset_version=ct.target.iOS17)
     def relu(x):

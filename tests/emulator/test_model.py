@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
-import coremltools as ct
 
 import coreml_lab as cl
-from coreml_lab.emulator import (EmulatedModel, EmulatorInputError, NotAnMLProgramError, OpExecutionError,
-                                 UnsupportedOpError, supported_ops)
-from coreml_lab.emulator import registry
+from coreml_lab.emulator import (
+    EmulatedModel,
+    EmulatorInputError,
+    NotAnMLProgramError,
+    OpExecutionError,
+    UnsupportedOpError,
+    registry,
+    supported_ops,
+)
 
 
 class Net(torch.nn.Module):

@@ -1,9 +1,9 @@
 """Accumulation is explicit: the stated dtype and order, never numpy's or torch's choice."""
 
 import numpy as np
-import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coreml_lab.emulator import numerics
 

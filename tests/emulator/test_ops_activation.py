@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from opcheck import Fn, check_mil, check_torch_op, convert_mil, convert_torch, feeds, mil_outputs, op_types
 
 from coreml_lab.emulator import EmulatedModel
 from coreml_lab.emulator.interpreter import OpExecutionError
-from opcheck import Fn, check_mil, check_torch_op, convert_mil, convert_torch, feeds, mil_outputs, op_types
 
 
 def _randn(*shape, scale=3.0, seed=0):
@@ -133,7 +133,7 @@ def test_gelu_modes_differ():
 @pytest.mark.parametrize("beta", [2.0, -0.5])
 def test_clamped_relu(beta):
     # docstring semantics: min(beta, x) if x >= 0 else min(beta, alpha * x)
-    ref = lambda x: np.where(x >= 0, np.minimum(beta, x), np.minimum(beta, 0.3 * x))  # noqa: E731
+    ref = lambda x: np.where(x >= 0, np.minimum(beta, x), np.minimum(beta, 0.3 * x))
     check_mil(lambda x: mb.clamped_relu(x=x, alpha=0.3, beta=beta), XS, ref, "clamped_relu")
 
 

@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-
-from opcheck import (check_torch_op, convert_program, convert_torch, fp16_accumulation_runs, mil_program, op_types,
-                     predict_one, require_kernels)
+from opcheck import (
+    check_torch_op,
+    convert_program,
+    convert_torch,
+    fp16_accumulation_runs,
+    mil_program,
+    op_types,
+    predict_one,
+    require_kernels,
+)
 
 SDPA = "scaled_dot_product_attention"
 

@@ -22,11 +22,9 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-
-from coreml_lab.emulator import EmulatedModel
-
 from opcheck import FP16_PROFILES, FP16_RTOL, check_torch_op, op_types, require_kernels
 
+from coreml_lab.emulator import EmulatedModel
 
 # ----------------------------------------------------------------------------- compressed torch models
 

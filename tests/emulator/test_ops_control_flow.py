@@ -17,12 +17,10 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from opcheck import FP16_PROFILES, FP16_RTOL, check_torch_op, convert_program, op_types, predict_one, require_kernels
 
-from coreml_lab.emulator import EmulatedModel, dtypes
+from coreml_lab.emulator import EmulatedModel
 from coreml_lab.emulator.interpreter import OpExecutionError
-
-from opcheck import (FP16_PROFILES, FP16_RTOL, check_torch_op, convert_program, op_types, predict_one,
-                     require_kernels)
 
 
 def convert_scripted(module, specs, precision="fp32", target="iOS17"):

@@ -10,11 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import types
-
-from opcheck import (check_torch_op, convert_program, fp16_accumulation_runs, mil_ops, op_types, predict_one,
-                     require_kernels)
-
+from opcheck import (
+    check_torch_op,
+    convert_program,
+    fp16_accumulation_runs,
+    mil_ops,
+    op_types,
+    predict_one,
+    require_kernels,
+)
 
 # ----------------------------------------------------------------------------- numpy references
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opcheck import Fn, check_mil, check_torch_op, convert_mil, convert_torch, feeds, mil_outputs, op_types
 
 from coreml_lab.emulator import EmulatedModel
-from opcheck import Fn, check_mil, check_torch_op, convert_mil, convert_torch, feeds, mil_outputs, op_types
 
 
 def _gen(seed):

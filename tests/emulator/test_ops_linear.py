@@ -8,11 +8,9 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-
-from coreml_lab.emulator import EmulatedModel
-
 from opcheck import check_torch_op, convert_program, fp16_accumulation_runs, mil_ops, op_types
 
+from coreml_lab.emulator import EmulatedModel
 
 # ----------------------------------------------------------------------------- linear
 

@@ -18,10 +18,9 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from opcheck import convert_program, convert_torch, feeds, op_types, require_kernels
 
 from coreml_lab.emulator import EmulatedModel
-
-from opcheck import convert_program, convert_torch, feeds, op_types, require_kernels
 
 N = 20_000
 

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
+from opcheck import FakeOpCall, check_torch_op, check_unary_mil, convert_unary_mil, op_types, run_unary
 
 from coreml_lab.emulator.registry import lookup
-
-from opcheck import FakeOpCall, check_torch_op, check_unary_mil, convert_unary_mil, op_types, run_unary
 
 
 def _randn(*shape, seed=0):
@@ -60,7 +59,7 @@ def test_batch_norm_builder_optional_gamma_beta(affine):
     var = g.uniform(0.5, 2.0, size=3).astype(np.float32)
     gamma = g.normal(size=3).astype(np.float32)
     beta = g.normal(size=3).astype(np.float32)
-    c = lambda a: a.astype(np.float64).reshape(1, 3, 1, 1)  # noqa: E731
+    c = lambda a: a.astype(np.float64).reshape(1, 3, 1, 1)
     ref = (x - c(mean)) / np.sqrt(c(var) + 1e-5)  # epsilon absent: default 1e-5
     kwargs = {}
     if affine:

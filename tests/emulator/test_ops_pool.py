@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
-
-from coreml_lab.emulator import EmulatedModel
-
 from opcheck import check_torch_op, convert_program, fp16_accumulation_runs, require_kernels
 
+from coreml_lab.emulator import EmulatedModel
 
 # ----------------------------------------------------------------------------- numpy reference
 

@@ -19,10 +19,9 @@ import pytest
 import torch
 import torch.nn as nn
 from coremltools.converters.mil import Builder as mb
+from opcheck import FakeOpCall, check_mil_outputs, check_torch_op, emulate_mil, op_types
 
 from coreml_lab.emulator.ops import recurrent as rec_ops
-
-from opcheck import FakeOpCall, check_mil_outputs, check_torch_op, emulate_mil, op_types
 
 # FP16 tolerance of these tests: rtol 2e-2 (FP16_RTOL), atol 2e-2 * max|want|
 check_mil = partial(check_mil_outputs, fp16_atol=2e-2)

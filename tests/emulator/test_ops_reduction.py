@@ -17,11 +17,20 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opcheck import (
+    FP16_PROFILES,
+    FakeOpCall,
+    Fn,
+    check_torch_op,
+    check_unary_mil,
+    convert_torch,
+    convert_unary_mil,
+    feeds,
+    op_types,
+    run_unary,
+)
 
 from coreml_lab.emulator import EmulatedModel
-
-from opcheck import (FP16_PROFILES, FakeOpCall, Fn, check_torch_op, check_unary_mil, convert_torch, convert_unary_mil,
-                     feeds, op_types, run_unary)
 
 
 def _randn(*shape, seed=0):
@@ -73,9 +82,9 @@ def test_reduce_max_min(which, dims, keep):
     if dims is None:
         fn = (lambda x: x.max()) if which == "max" else (lambda x: x.min())
     elif which == "max":
-        fn = lambda x: x.amax(dim=dims, keepdim=keep)  # noqa: E731
+        fn = lambda x: x.amax(dim=dims, keepdim=keep)
     else:
-        fn = lambda x: x.amin(dim=dims, keepdim=keep)  # noqa: E731
+        fn = lambda x: x.amin(dim=dims, keepdim=keep)
     check_torch_op(Fn(fn), [_randn(2, 4, 3, 5, seed=2)], [f"reduce_{which}"], rtol=0, atol=0)
 
 

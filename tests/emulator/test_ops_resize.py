@@ -22,11 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
+from opcheck import FakeOpCall, Fn, check_mil_outputs, check_torch_op, op_types
 
 from coreml_lab.emulator import EmulatedModel
 from coreml_lab.emulator.ops import resize as resize_ops
-
-from opcheck import FakeOpCall, Fn, check_mil_outputs, check_torch_op, op_types
 
 # FP32 atol 1e-5 and a shape check on every output; FP16 atol 1e-2 * max|want|
 check_mil = partial(check_mil_outputs, atol=1e-5, check_shape=True)

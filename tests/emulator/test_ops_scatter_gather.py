@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
-
-from coreml_lab.emulator import OpExecutionError, supported_ops
-
 from opcheck import FP16_PROFILES, Fn, check_torch_op, run_mil
+
+from coreml_lab.emulator import OpExecutionError
 
 MODES = ("update", "add", "sub", "mul", "div", "max", "min")
 RNG = np.random.default_rng(0)
@@ -286,19 +285,19 @@ def test_scatter_ios17_default_mode_and_dropped_out_of_bound(op):
     data = randn(4, 3)
     if op == "scatter":
         idx, upd = np.array([1, 9, 3], np.int32), randn(3, 3)
-        body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u)  # noqa: E731
-        keep = lambda: _ref_scatter(data, idx[[0, 2]], upd[[0, 2]], 0, "add")  # noqa: E731
+        body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u)
+        keep = lambda: _ref_scatter(data, idx[[0, 2]], upd[[0, 2]], 0, "add")
     elif op == "scatter_along_axis":
         idx, upd = np.array([[1, 7, 0]], np.int32), randn(1, 3)
-        body = lambda d, i, u: mb.scatter_along_axis(data=d, indices=i, updates=u, axis=0)  # noqa: E731
+        body = lambda d, i, u: mb.scatter_along_axis(data=d, indices=i, updates=u, axis=0)
         want = data.astype(np.float64)
         want[1, 0] += upd[0, 0]
         want[0, 2] += upd[0, 2]
-        keep = lambda: want.astype(np.float32)  # noqa: E731
+        keep = lambda: want.astype(np.float32)
     else:
         idx, upd = np.array([[2], [-7]], np.int32), randn(2, 3)
-        body = lambda d, i, u: mb.scatter_nd(data=d, indices=i, updates=u)  # noqa: E731
-        keep = lambda: _ref_scatter_nd(data, idx[:1], upd[:1], "add")  # noqa: E731
+        body = lambda d, i, u: mb.scatter_nd(data=d, indices=i, updates=u)
+        keep = lambda: _ref_scatter_nd(data, idx[:1], upd[:1], "add")
     # default mode is "add"; an out-of-bound update is dropped (memory-safe, no error)
     got = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS17")[0]
     _check(got, keep())
@@ -310,7 +309,7 @@ def test_scatter_add_fp16_accumulation_on_ne():
     data = np.full((2, 1), 2048.0, np.float32)
     idx = np.zeros(64, np.int32)
     upd = np.ones((64, 1), np.float32)
-    body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u, axis=0, mode="add")  # noqa: E731
+    body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u, axis=0, mode="add")
     ne = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15", fp16=True, compute_unit="CPU_AND_NE")[0]
     gpu = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15", fp16=True, compute_unit="CPU_AND_GPU")[0]
     np.testing.assert_array_equal(ne, [[2048.0], [2048.0]])

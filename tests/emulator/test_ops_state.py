@@ -17,11 +17,10 @@ import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+from opcheck import FP16_PROFILES, FP16_RTOL, op_types, require_kernels
 
 from coreml_lab.emulator import EmulatedModel
-from coreml_lab.emulator.model import InputSpec, _ARRAY_DTYPES
-
-from opcheck import FP16_PROFILES, FP16_RTOL, op_types, require_kernels
+from coreml_lab.emulator.model import _ARRAY_DTYPES, InputSpec
 
 
 def _described_states(mlmodel) -> list[InputSpec]:

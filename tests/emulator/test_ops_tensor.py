@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-
-from coreml_lab.emulator import EmulatedModel, OpExecutionError, supported_ops
-
 from opcheck import FP16_PROFILES, FakeOpCall, Fn, check_torch_op, run_mil
+
+from coreml_lab.emulator import EmulatedModel, OpExecutionError
 
 RNG = np.random.default_rng(0)
 

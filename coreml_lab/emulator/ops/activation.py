@@ -13,7 +13,7 @@ intermediate result, as the hardware would.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def _channel_param(call, name: str, x: torch.Tensor) -> torch.Tensor:
     return p.reshape((1, c) + (1,) * (x.ndim - 2))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _const(value: float, dtype: torch.dtype) -> torch.Tensor:
     """A scalar constant held in ``dtype`` (an FP16 device holds its constants in FP16)."""
     return torch.tensor(value, dtype=dtype)

@@ -35,7 +35,7 @@ _F32 = torch.float32
 
 # ----------------------------------------------------------------------------- caching
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _all_const_inputs(op) -> bool:

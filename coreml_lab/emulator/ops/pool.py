@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from ..registry import kernel
-from .conv import conv_pads, _torch_pad_arg
+from .conv import _torch_pad_arg, conv_pads
 
 FP16 = torch.float16
 FP32 = torch.float32
