@@ -15,13 +15,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 import make_notebooks  # noqa: E402
 import render_notebooks  # noqa: E402
 
-NOTEBOOKS = sorted(make_notebooks.NOTEBOOKS)
+NOTEBOOKS = [py.with_suffix(".ipynb").name for py in make_notebooks.sources()]
 
 
-def test_committed_notebooks_match_their_source_and_have_no_outputs():
+def test_every_notebook_is_a_pair_and_the_committed_ipynb_is_what_its_py_makes():
+    assert len(NOTEBOOKS) == 6, NOTEBOOKS
     res = subprocess.run([sys.executable, "tools/make_notebooks.py", "--check"], cwd=ROOT, capture_output=True,
                          text=True)
-    assert res.returncode == 0, res.stdout
+    assert res.returncode == 0, res.stdout + res.stderr
     import nbformat
     for name in NOTEBOOKS:
         nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
@@ -29,6 +30,37 @@ def test_committed_notebooks_match_their_source_and_have_no_outputs():
         text = " ".join(c.source for c in nb.cells)
         if name.startswith(("01", "02", "03", "04")):
             assert "## Exercises" in text and "check(" in text, name
+
+
+def test_a_pair_out_of_step_fails_the_check_with_the_command_to_fix_it(tmp_path):
+    for name in NOTEBOOKS[:2]:
+        for suffix in (".py", ".ipynb"):
+            shutil.copy(ROOT / "notebooks" / name.replace(".ipynb", suffix), tmp_path)
+    shutil.copy(ROOT / "notebooks" / "jupytext.toml", tmp_path)
+    py = tmp_path / NOTEBOOKS[1].replace(".ipynb", ".py")
+    py.write_text(py.read_text().replace("## Where does FP16 range break?", "## Where does FP16 break?"))
+    check = [sys.executable, str(ROOT / "tools" / "make_notebooks.py"), "--check", "--dir", str(tmp_path)]
+    res = subprocess.run(check, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert f"{NOTEBOOKS[1]} cell " in res.stdout and NOTEBOOKS[0] not in res.stdout, res.stdout
+    assert "run `python tools/make_notebooks.py`" in res.stdout and "--from-ipynb" in res.stdout
+    # the fix the message names: write the .ipynb from the .py; then the edit is in the notebook
+    assert make_notebooks.main(["--dir", str(tmp_path)]) == 0
+    assert subprocess.run(check, capture_output=True).returncode == 0
+    import nbformat
+    assert "## Where does FP16 break?" in {c.source for c in nbformat.read(py.with_suffix(".ipynb"), 4).cells}
+    # and the other way: an edit made in the notebook flows back into the .py, header and cells intact
+    nb = nbformat.read(py.with_suffix(".ipynb"), 4)
+    nb.cells[0].source += "\nedited in Jupyter"
+    nbformat.write(nb, py.with_suffix(".ipynb"))
+    assert subprocess.run(check, capture_output=True).returncode == 1
+    assert make_notebooks.main(["--from-ipynb", "--dir", str(tmp_path)]) == 0
+    assert "# edited in Jupyter" in py.read_text() and py.read_text().startswith("# ---\n# jupyter:\n#   kernelspec:")
+    assert subprocess.run(check, capture_output=True).returncode == 0
+    # an .ipynb without a .py source is named too
+    py.unlink()
+    res = subprocess.run(check, capture_output=True, text=True)
+    assert res.returncode == 1 and f"{NOTEBOOKS[1]} has no .py source" in res.stdout
 
 
 @pytest.mark.timeout(900)

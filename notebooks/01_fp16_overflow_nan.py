@@ -1,0 +1,145 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Pitfall P1: the output is all NaN
+#
+# **Symptom.** The converted model returns NaN; coremltools may have printed
+# "overflow encountered in cast" while converting.
+#
+# **Cause.** ML Programs compute in FP16 by default. FP16's largest value is 65504: anything
+# larger becomes inf, and inf turns into NaN as soon as it meets another inf (inf - inf, 0 x inf).
+# Large inputs, large weights, squares, exp and sums are the usual suspects.
+#
+# **Fixes.** Convert in FP32 (`compute_precision=ct.precision.FLOAT32`), or keep only the
+# offending ops in FP32 with `ct.transform.FP16ComputePrecision(op_selector=...)`.
+
+# %%
+# %matplotlib inline
+import numpy as np
+import pandas as pd
+import torch
+
+import coreml_lab as cl
+import sample_models
+from coreml_lab.emulator import EmulatedModel
+from coreml_lab.widgets import lab
+
+pd.set_option("display.max_colwidth", 120)
+
+
+def check(ok, hint):
+    """Exercise feedback: prints, never raises (so the notebook also runs unattended)."""
+    if ok is None:
+        print("-> make your prediction in the cell above, then run both cells again")
+    else:
+        print("correct!" if ok else f"not quite: {hint}")
+
+
+# %% [markdown]
+# ## The model
+#
+# An audio classifier that computes the energy of raw PCM frames (|x| up to 20000).
+
+# %%
+model, example, description = sample_models.build("fp16_overflow")
+print(description)
+frames = example[0]
+print("max |input| =", float(frames.abs().max()), "(fits FP16)")
+with torch.no_grad():
+    print("max |frames * frames| =", float((frames * frames).abs().max()), "(does not: > 65504)")
+
+# %%
+conv16 = cl.convert(model, example, cl.ConversionOptions(precision="fp16"))
+feeds = conv16.example_inputs.as_numpy()
+for unit in ["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"]:
+    print(unit, EmulatedModel(conv16.mlmodel, unit).predict(feeds))
+
+# %% [markdown]
+# CPU_ONLY computes FP16-typed ops in FP32 (types are a minimum), so it survives; GPU and Neural Engine hold values in FP16.
+
+# %% [markdown]
+# ## Where does FP16 range break?
+
+# %%
+report = cl.diagnose(model, example, cl.ConversionOptions(precision="fp16"))
+print(report.summary())
+
+# %%
+report.culprits(3)
+
+# %%
+report.first_nonfinite
+
+# %%
+report.plot_fp16_range()
+
+# %%
+report.plot_layer_errors()
+
+# %% [markdown]
+# The `mul` in module `energy` receives values within FP16 range and produces values far above
+# 65504 - that is where overflow starts, and the NaN downstream is its consequence.
+#
+# ## Fix 1: FP32
+
+# %%
+report32 = cl.diagnose(model, example, cl.ConversionOptions(precision="fp32"))
+report32.outputs[["compute_unit", "max_abs_err", "rel_err", "nonfinite_frac"]]
+
+# %% [markdown]
+# FP32 fixes it, but an FP32 model never runs on the Neural Engine.
+#
+# ## Fix 2: keep only the offending ops in FP32
+#
+# `find_fp32_ops` starts from the culprits and every op whose values leave FP16 range, verifies
+# each candidate set by converting and re-running, and drops every op the fix does not need.
+
+# %%
+fix = cl.find_fp32_ops(model, example)
+print(fix.message)
+print(fix)
+
+# %%
+print(fix.snippet)
+
+# %%
+mixed = cl.diagnose(model, example, cl.ConversionOptions(precision="mixed", fp32_ops=fix.ops))
+mixed.outputs[["compute_unit", "max_abs_err", "rel_err", "nonfinite_frac"]]
+
+# %% [markdown]
+# ## Exercises
+#
+# **1.** Feed the model frames scaled down by 1000 (`frames / 1000`, so |x| <= 20). Predict: is the
+# FP16 output on the Neural Engine NaN or finite? Set `prediction_1` to `"nan"` or `"finite"`.
+
+# %%
+prediction_1 = None  # "nan" or "finite"
+
+# %%
+quiet = {"frames": (frames / 1000).numpy()}
+out = EmulatedModel(conv16.mlmodel, "CPU_AND_NE").predict(quiet)
+actual_1 = "nan" if not np.isfinite(next(iter(out.values()))).all() else "finite"
+check(None if prediction_1 is None else prediction_1 == actual_1,
+      "squares are at most 400 and the mean's running sum over 64 samples stays below 65504")
+print("actual:", actual_1)
+
+# %% [markdown]
+# **2.** Keep only the `mul` op type in FP32 (`precision="mixed", fp32_ops=("mul",)`). Predict: does
+# the Neural Engine output become finite? Set `prediction_2` to `True` or `False`.
+
+# %%
+prediction_2 = None  # True or False
+
+# %%
+only_mul = cl.diagnose(model, example, cl.ConversionOptions(precision="mixed", fp32_ops=("mul",)),
+                       compute_units=("CPU_AND_NE",), progress=False)
+actual_2 = bool(only_mul.outputs.nonfinite_frac.max() == 0)
+check(None if prediction_2 is None else prediction_2 == actual_2,
+      "the mean of the squares is just as large: the next op overflows when it is FP16")
+print("actual:", actual_2)
