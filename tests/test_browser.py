@@ -1,7 +1,7 @@
-"""JupyterLab in a real Chromium: open the quickstart, run it, change an option, click, see the dashboard.
+"""A real Chromium: JupyterLab runs the quickstart and its panel; the rendered quickstart reads offline.
 
-Chromium comes from Debian (`apt-get install chromium`, done by .ci/run); Playwright drives it.
-The screenshot lands in test-output/browser/.
+Chromium comes from Debian (`apt-get install chromium`, done by `make setup` as root and by .ci/run);
+Playwright drives it. The screenshots land in test-output/browser/.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _need_chromium():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; `make setup` does as root)")
+
+
 @pytest.fixture
 def jupyterlab(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; .ci/run does)")
+    _need_chromium()
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "00_quickstart.ipynb", root)
@@ -113,3 +117,57 @@ def test_quickstart_runs_in_jupyterlab_and_the_button_fills_the_dashboard(jupyte
         finally:
             browser.close()
     assert (OUT / "quickstart_dashboard.png").stat().st_size > 10_000
+
+
+def test_rendered_quickstart_shows_the_dashboard_with_networking_off(tmp_path):
+    """`make report`'s page needs no network: the panel, its tabs and the dashboard's figures draw offline."""
+    from playwright.sync_api import expect, sync_playwright
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import render_notebooks
+
+    _need_chromium()
+    src = tmp_path / "nb"
+    src.mkdir()
+    shutil.copy(ROOT / "notebooks" / "00_quickstart.ipynb", src)
+    html = render_notebooks.render(src / "00_quickstart.ipynb", tmp_path / "reports")
+    OUT.mkdir(parents=True, exist_ok=True)
+    refused, errors = [], []
+
+    def offline(route):
+        if route.request.url.startswith(("file:", "data:", "blob:")):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1300, "height": 1000})
+        context.route("**/*", offline)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(html.as_uri())
+            panel = page.locator(".widget-tab").first
+            expect(panel).to_be_visible(timeout=60_000)
+            expect(page.locator("button", has_text="Convert and diagnose")).to_be_visible()
+            expect(page.locator("pre.cl-summary").first).to_contain_text("coreml_lab diagnosis")
+            page.locator(".lm-TabBar-tabLabel", has_text="Per-layer error").first.click()
+            plot = panel.locator(".jp-OutputArea-output img").first
+            expect(plot).to_be_visible(timeout=30_000)
+            plot.scroll_into_view_if_needed()
+            sizes = panel.locator("img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+            box = plot.bounding_box()
+            page.screenshot(path=str(OUT / "offline_quickstart.png"))
+        except Exception:
+            page.screenshot(path=str(OUT / "offline_quickstart_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert len(sizes) >= 4 and all(w > 300 and h > 150 for w, h in sizes), sizes  # every dashboard figure decoded
+    assert box and box["width"] > 300 and box["height"] > 150
+    assert not errors, errors
+    # nothing the page needs came from the network; what it tried is optional (MathJax, for LaTeX in markdown)
+    assert all("mathjax" in url for url in refused), refused
+    assert (OUT / "offline_quickstart.png").stat().st_size > 10_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,22 @@ def test_notebook_executes_and_renders_with_figures(name, tmp_path):
         assert "make your prediction" in page, "exercise check cells ran and gave feedback"
     if name.startswith("00"):
         assert "application/vnd.jupyter.widget-state+json" in page, "widget state is saved"
+        # the widget manager is inside the page, not fetched (tests/test_browser.py opens it offline)
+        assert "embed-amd.js" not in page and "require.min.js" not in page
+        assert "renderWidgets" in page or "_jupyter_widget_embedder" in page
+        assert page.count("data:font/woff2;base64,") == 3
+
+
+def test_vendored_widget_manager_is_the_file_its_readme_records():
+    vendor = ROOT / "tools" / "vendor" / "jupyter-widgets-html-manager"
+    readme = (vendor / "README.md").read_text()
+    files = sorted(p for p in vendor.iterdir() if p.name != "README.md")
+    assert {p.name for p in files} >= {"embed.js", "embed.js.LICENSE.txt"}
+    for path in files:
+        assert f"| `{path.name}` | `{hashlib.sha256(path.read_bytes()).hexdigest()}` |" in readme, path.name
+    assert f"html-manager {render_notebooks.WIDGET_MANAGER_VERSION}," in readme
+    html = render_notebooks.widget_manager_html()
+    assert "//# sourceMappingURL" not in html and html.count("data:font/woff2;base64,") == 3
 
 
 def test_make_report_writes_one_html_per_notebook(tmp_path):
