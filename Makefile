@@ -8,15 +8,19 @@ ONNX_VENV := .venv-onnx
 ONNX_STAMP := $(ONNX_VENV)/.installed
 LAB_ARGS ?=
 # JupyterLab refuses to run as root unless told; containers and CI run as root
-LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+AS_ROOT ?= $(filter 0,$(shell id -u))
+LAB_ROOT := $(if $(AS_ROOT),--allow-root,)
 PYTEST_ARGS ?=
+# The browser tests drive a system Chromium through Playwright (Debian's package by default).
+CHROMIUM ?= /usr/bin/chromium
+APT_GET ?= apt-get
 
 # glibc hands freed memory at the top of its heap back to the OS and faults it in again on the
 # next allocation; a diagnosis frees and reallocates the same large buffers many times (FP64
 # convolutions unfold their input). Notebooks run with freed memory kept for reuse (README: Speed).
 MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
-.PHONY: setup lab test report bench test-onnx-import clean-cache
+.PHONY: setup test-setup chromium lab test report bench test-onnx-import clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,16 +30,35 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+## make setup: the venv (all that lab, report and bench need); make test-setup adds the tests' browser
 setup: $(STAMP)
+
+test-setup: setup chromium
+
+# Installed when missing if it can be (root on Debian), else the one command to run is printed and make stops.
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ -n "$(AS_ROOT)" ] && command -v $(APT_GET) >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser tests ($(APT_GET) install -y chromium)"; \
+	    DEBIAN_FRONTEND=noninteractive $(APT_GET) update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq chromium >/dev/null || exit 1; \
+	    [ -x "$(CHROMIUM)" ] || { echo "chromium installed, but $(CHROMIUM) is still missing: run make test CHROMIUM=/path/to/chromium" >&2; exit 1; }; \
+	elif command -v $(APT_GET) >/dev/null 2>&1; then \
+	    echo "The browser tests need Chromium ($(CHROMIUM) is missing). Run this once, then make test again:" >&2; \
+	    echo "    sudo apt-get install -y chromium" >&2; exit 1; \
+	else \
+	    echo "The browser tests need Chromium ($(CHROMIUM) is missing). Install Chromium, then run:" >&2; \
+	    echo "    make test CHROMIUM=/path/to/chromium" >&2; exit 1; \
+	fi
 
 ## make lab: start JupyterLab on notebooks/
 lab: setup
 	env $(MALLOC_KEEP) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
 ## make test: the whole test suite (ONNX import has its own venv: make test-onnx-import)
-test: setup
+test: test-setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n auto -m "not onnx_import" $(PYTEST_ARGS)
+	COREML_LAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -n auto -m "not onnx_import" $(PYTEST_ARGS)
 
 ## make report: execute every notebook headless, write HTML to reports/
 report: setup
