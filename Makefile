@@ -17,7 +17,7 @@ APT_GET ?= apt-get
 
 # glibc hands freed memory at the top of its heap back to the OS and faults it in again on the
 # next allocation; a diagnosis frees and reallocates the same large buffers many times (FP64
-# convolutions unfold their input). Notebooks run with freed memory kept for reuse (README: Speed).
+# convolutions unfold their input). Notebooks run with freed memory kept for reuse (bench/README.md: Allocator).
 MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 .PHONY: setup test-setup chromium lab test report bench test-onnx-import clean-cache

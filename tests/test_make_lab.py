@@ -49,7 +49,7 @@ def test_make_lab_starts_jupyterlab_on_notebooks(tmp_path):
         assert any(n.endswith(".ipynb") for n in names) or listing["path"] == "", names
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=10) as r:
             assert r.status == 200 and b"JupyterLab" in r.read()
-        # the server (and so every kernel it starts) keeps freed memory for reuse (README: Speed)
+        # the server (and so every kernel it starts) keeps freed memory for reuse (bench/README.md: Allocator)
         servers = list((tmp_path / "runtime").glob("jpserver-*.json"))
         assert len(servers) == 1, servers
         pid = json.loads(servers[0].read_text())["pid"]
