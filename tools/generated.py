@@ -1,6 +1,6 @@
 """Generated files: write them, or (``--check``) say which are out of date.
 
-Shared by the generators in this folder, whose output is committed and checked by the tests.
+Used by the generators in this folder (tools/gen_docs.py), whose output is committed and checked by the tests.
 """
 
 from __future__ import annotations
