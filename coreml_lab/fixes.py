@@ -386,18 +386,19 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
         regions = fp32_regions(view, fp32_ranges(mlmodel32, feeds), consts)
         chosen = frozenset(o for region in regions for o in region)
         err, conv = check.error(chosen) if chosen else (before, conv16)
-        best = (err, chosen, conv)
         if err > tolerance and not check.out_of_time():
             report = diagnose(model, prep.inputs, opts, compute_units=tuple(compute_units), inputs=inputs,
                               progress=False)
             must, ranked = _suspects(report, tolerance, all_ops)
             ranked = [o for o in must + ranked if o not in chosen]
             err, chosen, conv = _grow(check, chosen, err, conv, ranked, tolerance)
-            best = min(best, (err, chosen, conv), key=lambda b: (b[0], len(b[1])))
         if err <= tolerance:
             err, chosen, conv = _shrink(check, chosen, err, conv, regions, all_ops, tolerance)
-        else:
-            err, chosen, conv = best
+        else:  # no fix: report the best set that was really verified
+            verified = [(e, len(ops), sorted(ops), c) for ops, (e, c) in check.memo.items() if c is not None]
+            if verified:
+                err, _, ordered_best, conv = min(verified, key=lambda v: v[:3])
+                chosen = frozenset(ordered_best)
         found = err <= tolerance and conv is not None
         lone = _single_op_note(regions)
         if found:
