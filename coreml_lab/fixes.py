@@ -89,7 +89,7 @@ class MixedPrecisionFix:
         return (
             "import re\n"
             "import coremltools as ct\n\n"
-            f"FP32_OPS = {ops}  # ops kept in FP32, named as in the converted model (coreml_lab.find_fp32_ops)\n\n\n"
+            f"FP32_OPS = {ops}  # ops kept in FP32, named as op_selector sees them (coreml_lab.find_fp32_ops)\n\n\n"
             "def final_name(name):  # coremltools renames ops at the end of conversion (\"8\" -> \"op_8\")\n"
             "    name = re.sub(r\"[^a-zA-Z0-9_]\", \"_\", name)\n"
             "    return \"op_\" + name if re.match(r\"[^a-zA-Z_]\", name) else name\n\n\n"
@@ -364,6 +364,9 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
 
     start = time.perf_counter()
     opts = as_options(options)
+    if opts.convert_to != "mlprogram":
+        raise ValueError(f"find_fp32_ops needs convert_to='mlprogram', got {opts.convert_to!r}: a neural network "
+                         "has no compute precision to choose per op (Core ML picks FP16 on GPU/NE at run time)")
     if opts.precision == "fp32":
         opts = opts.replace(precision="fp16")
     prep = prepare(model, example_inputs)
@@ -386,6 +389,8 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
         regions = fp32_regions(view, fp32_ranges(mlmodel32, feeds), consts)
         chosen = frozenset(o for region in regions for o in region)
         err, conv = check.error(chosen) if chosen else (before, conv16)
+        region_note = (f"; the FP32 regions where FP16 range is exceeded ({len(chosen)} ops) alone leave "
+                       f"{err:.3g}" if chosen and conv is not None else "")
         if err > tolerance and not check.out_of_time():
             report = diagnose(model, prep.inputs, opts, compute_units=tuple(compute_units), inputs=inputs,
                               progress=False)
@@ -400,6 +405,8 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
                 err, _, ordered_best, conv = min(verified, key=lambda v: v[:3])
                 chosen = frozenset(ordered_best)
         found = err <= tolerance and conv is not None
+        kept = set(chosen)
+        regions = [r for r in (tuple(o for o in region if o in kept) for region in regions) if r]
         lone = _single_op_note(regions)
         if found:
             message = (f"keeping {len(chosen)} of {n_ops} ops in FP32 brings the worst output error from "
@@ -407,13 +414,12 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
                        + (f"; {lone}" if lone else ""))
         elif check.out_of_time():
             message = (f"no fix within the {time_budget:g}s budget: the best set tried ({len(chosen)} ops) leaves "
-                       f"error {err:.3g} > {tolerance:g}; raise time_budget, or use precision='fp32'")
+                       f"error {err:.3g} > {tolerance:g}{region_note}; raise time_budget, or use precision='fp32'")
         else:
             message = (f"no subset of ops in FP32 reaches tolerance {tolerance:g} (best {err:.3g} with "
-                       f"{len(chosen)} ops): the error comes from FP16 weights or I/O; use precision='fp32'")
+                       f"{len(chosen)} ops{region_note}): the error comes from FP16 weights or I/O; "
+                       "use precision='fp32'")
         ordered = tuple(o for o in all_ops if o in chosen) + tuple(sorted(o for o in chosen if o not in all_ops))
-        kept = set(chosen)
-        regions = [r for r in (tuple(o for o in region if o in kept) for region in regions) if r]
         return _result(ordered, conv, before, err, tolerance, view, found, message, check, start, regions)
     finally:
         bar.close()

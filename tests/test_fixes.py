@@ -179,3 +179,10 @@ def test_summary_explains_an_output_below_fp16_subnormals_instead_of_calling_it_
     # the same model at a normal scale keeps the ordinary verdict
     plain = cl.diagnose(_Scaled(model, 1.0).eval(), inputs, progress=False).summary()
     assert "NO SIGNAL" not in plain and "close to PyTorch" in plain
+
+
+def test_a_neural_network_conversion_is_refused_with_a_clear_error():
+    model, inputs, _ = sample_models.build("healthy")
+    with pytest.raises(ValueError, match="find_fp32_ops needs convert_to='mlprogram', got 'neuralnetwork'"):
+        cl.find_fp32_ops(model, inputs, cl.ConversionOptions(convert_to="neuralnetwork", target="iOS14"),
+                         progress=False)
