@@ -146,6 +146,29 @@ def test_regions_grow_forward_until_values_fit_and_backward_to_producers():
     hidden = {k: v for k, v in ranges.items() if k != "vd"}
     assert fixes.fp32_regions(ops, hidden) == [("b", "c", "d", "e")]
     assert fixes.fp32_regions(ops, _ranges(x=3.0, va=1.0, vb=1.0, vc=1.0, vd=1.0, ve=1.0, vf=1.0, vg=1.0)) == []
+    # a model input out of range: every op reading it, one region through the shared input
+    big_input = _ranges(x=1e6, va=1.0, vb=1.0, vc=1.0, vd=1.0, ve=1.0, vf=1.0, vg=1.0)
+    assert fixes.fp32_regions(ops, big_input) == [("a", "f")]
+
+
+class _LoudInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(x / 1e5))
+
+
+def test_an_input_beyond_fp16_range_keeps_the_op_reading_it_in_fp32():
+    torch.manual_seed(0)
+    model, x = _LoudInput().eval(), (torch.rand(2, 16) * 2 - 1) * 4e5
+    fix = cl.find_fp32_ops(model, (x,), progress=False)
+    assert fix.error_before > TOL and fix.found and fix.error_after <= TOL, fix
+    assert fix.n_fp32 == 1 and fix.regions == [fix.ops]
+    (reader,) = [op for op in fix.conversion.program.functions["main"].operations
+                 if op.outputs and op.outputs[0].name in fix.op_outputs[fix.ops[0]]]
+    assert [v.name for v in reader.inputs.values() if v.op is None] == ["x"], "it reads the model input itself"
 
 
 def test_degenerate_reference_is_classified():
