@@ -1,28 +1,33 @@
 """Fixes, verified: a small set of ops to keep in FP32, and ranked suggestions with measured effects.
 
-``find_fp32_ops`` starts from what the diagnosis blames - the culprits and every op whose
-reference values leave FP16 range (overflow, or flush to zero) - and checks that set by
+``find_fp32_ops`` first looks at what FP16 cannot hold: it runs the FP32 program and marks every
+value that leaves FP16 range (|x| > 65504, or mostly below 2^-24 so it flushes to zero). One op
+in FP32 does not keep such a value: its FP32 result is cast back to FP16 for the next FP16 op.
+So every op that produces or consumes such a value joins one FP32 *region*, which grows forward
+through consumers until values are back in FP16 range (the first op whose output fits ends it)
+and backward to the producers of out-of-range inputs. Each candidate set is checked by
 converting with ``ct.transform.FP16ComputePrecision(op_selector=...)`` and re-running. If the
-error is still above tolerance it grows the set by the ops with the largest local error, in
-doubling batches, then bisects the batch; finally it drops every op the fix does not need.
-This is the search precision-debugging tools for other runtimes use (start from the suspects,
-then bisect along program order), with each step verified by a real conversion.
+regions are not enough, the set grows by the ops the diagnosis blames, then by the largest local
+error, in doubling batches, then bisects the batch; finally it drops every region and op the fix
+does not need. A set is reported as a fix only when its own verification says so.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import coremltools as ct
 import numpy as np
 
 from .convert import Conversion, ConversionError, convert, prepare
 from .diagnosis import diagnose
 from .emulator import EmulatedModel
-from .fp16 import FP16_MAX
+from .fp16 import FP16_MAX, RangeStats
 from .options import ConversionOptions, as_options, final_op_name
 from .reference import reference_outputs
 
@@ -33,12 +38,18 @@ CHECK_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 class MixedPrecisionFix:
     """The result of :func:`find_fp32_ops`.
 
-    ops: MIL op names kept in FP32 (names of the FP32 program, as ``op_selector`` sees them).
+    ops: MIL op names kept in FP32, as ``op_selector`` sees them (coremltools' final renaming rule
+    applied); ``op_outputs`` maps each to its output var names in the converted program (a late
+    pass may rename an op, e.g. a transpose to ``transpose_1``, but not its outputs).
     op_selector: ``op -> bool`` for ``ct.transform.FP16ComputePrecision`` (True = may be FP16).
     snippet: ready-to-paste coremltools code.
     conversion: the verified mixed-precision Conversion (None if no fix was found).
     error_before / error_after: worst output relative error vs torch over the checked compute
-    units (inf when outputs have inf/NaN).
+    units (inf when outputs have inf/NaN); error_after is the verified error of ``ops``.
+    found: True only when that verification is within ``tolerance``; ``message`` says why not.
+    regions: the FP32 regions kept (op names in program order): ops that only work in FP32
+    together, because the values between them do not fit FP16 (see :func:`fp32_regions`).
+    history: (number of FP32 ops, error) per verified trial; tried: frozenset of ops -> error.
     """
 
     ops: tuple
@@ -54,6 +65,9 @@ class MixedPrecisionFix:
     trials: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list, repr=False)
+    tried: dict = field(default_factory=dict, repr=False)
+    regions: list = field(default_factory=list)
+    op_outputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def fraction_fp32(self) -> float:
@@ -75,7 +89,7 @@ class MixedPrecisionFix:
         return (
             "import re\n"
             "import coremltools as ct\n\n"
-            f"FP32_OPS = {ops}  # ops kept in FP32, named as in the converted model (coreml_lab.find_fp32_ops)\n\n\n"
+            f"FP32_OPS = {ops}  # ops kept in FP32, named as op_selector sees them (coreml_lab.find_fp32_ops)\n\n\n"
             "def final_name(name):  # coremltools renames ops at the end of conversion (\"8\" -> \"op_8\")\n"
             "    name = re.sub(r\"[^a-zA-Z0-9_]\", \"_\", name)\n"
             "    return \"op_\" + name if re.match(r\"[^a-zA-Z_]\", name) else name\n\n\n"
@@ -145,7 +159,153 @@ def measure(conv: Conversion, feeds: list, torch_outputs: list, units: Sequence[
                 scale = np.abs(w).max() if w.size else 0.0
                 err = float(np.abs(g - w).max()) / scale if scale else float(np.abs(g - w).max())
                 worst = max(worst, err)
-    return worst
+    return float(worst)
+
+
+@dataclass(frozen=True)
+class SelectorOp:
+    """One op of the program as ``FP16ComputePrecision``'s ``op_selector`` sees it.
+
+    name: the key ``fp32_ops`` and the snippet use (the selector's op name after coremltools'
+    final renaming rule, :func:`final_op_name`); a later pass may still rename the op in the
+    saved program (e.g. a transpose becomes ``transpose_1``), its output names stay.
+    inputs / consts / outputs: var names as in the converted program (non-constant inputs,
+    constant inputs, outputs).
+    """
+
+    name: str
+    op_type: str
+    index: int
+    inputs: tuple
+    consts: tuple
+    outputs: tuple
+
+
+def _var_name(name: str) -> str:
+    """A var's name in the converted program (coremltools' sanitizer, "var_" prefix: "31" -> "var_31")."""
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    return "var_" + name if re.match(r"[^a-zA-Z_]", name) else name
+
+
+def selector_view(prep, options: ConversionOptions) -> tuple[list[SelectorOp], dict, Any]:
+    """The ops ``op_selector`` is asked about, in program order, the FP16 range of their constants,
+    and the converted FP32 model.
+
+    Recorded from one conversion through ``FP16ComputePrecision`` whose selector keeps every op in
+    FP32 (so the pass rewires nothing while the names are read): the names a fix must use are the
+    ones the selector sees, which are not always the saved program's. Returns (ops, const var
+    name -> :class:`RangeStats`, the FP32 MLModel).
+    """
+    from . import messages as msgs
+
+    seen: dict = {}
+    consts: dict = {}
+
+    def record(op) -> bool:
+        if op.op_type == "const" or op.name in seen:
+            return False
+        ins, cins = [], []
+        for param, value in op.inputs.items():
+            for var in value if isinstance(value, (list, tuple)) else (value,):
+                if not hasattr(var, "name"):
+                    continue
+                if var.op is not None and var.op.op_type == "const":
+                    name = _var_name(var.name)
+                    cins.append(name)
+                    if name not in consts and var.val is not None:
+                        arr = np.asarray(var.val)
+                        if np.issubdtype(arr.dtype, np.floating) and arr.size:
+                            consts[name] = RangeStats()
+                            # an epsilon guarding log/rsqrt (coremltools' default 1e-45) may flush harmlessly
+                            consts[name].add(np.minimum(np.abs(arr), FP16_MAX * 2) if param != "epsilon"
+                                             else np.where(np.abs(arr) > FP16_MAX, arr, 0))
+                else:
+                    ins.append(_var_name(var.name))
+        seen[op.name] = SelectorOp(final_op_name(op.name), op.op_type, len(seen), tuple(dict.fromkeys(ins)),
+                                   tuple(dict.fromkeys(cins)), tuple(_var_name(v.name) for v in op.outputs))
+        return False
+
+    kw = options.replace(precision="fp16", fp32_ops=()).convert_kwargs()
+    kw["compute_precision"] = ct.transform.FP16ComputePrecision(op_selector=record)
+    ct_inputs = list(options.inputs) if options.inputs is not None else prep.inputs.ct_inputs()
+    with msgs.capture():
+        try:
+            mlmodel = ct.convert(prep.take_convertible(), inputs=ct_inputs, **kw)
+        except Exception as exc:
+            raise ConversionError(f"recording the ops of the FP16 conversion failed: {type(exc).__name__}: {exc}",
+                                  [], options, prep.method) from exc
+    return list(seen.values()), consts, mlmodel
+
+
+def fp32_ranges(mlmodel, feeds: list) -> dict:
+    """var name -> :class:`RangeStats` of its values in an FP32 program (run exactly, over all feeds);
+    model inputs included, non-float vars with empty stats."""
+    stats: dict = {}
+
+    def add(name, value):  # every var seen gets an entry (a non-float one stays empty): "observed"
+        s = stats.setdefault(name, RangeStats())
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            s.add(value)
+
+    em = EmulatedModel(mlmodel, "CPU_ONLY")
+    for feed in feeds:
+        for name, value in feed.items():
+            add(name, np.asarray(value))
+        em.predict(feed, on_op=lambda r: add(r.name, r.value))
+    return stats
+
+
+def leaves_fp16(stats: RangeStats) -> bool:
+    """True when FP16 cannot hold these values: |x| > 65504, or over 1% of them flush to zero (< 2^-24)."""
+    return stats.max_abs > FP16_MAX or (stats.n > 0 and stats.flush / stats.n > 0.01)
+
+
+def fp32_regions(ops: list[SelectorOp], ranges: dict, const_ranges: dict | None = None) -> list[tuple]:
+    """Groups of ops that can only work in FP32 together, each in program order.
+
+    A value FP16 cannot hold (:func:`leaves_fp16`) must never be stored in FP16: the op that
+    produces it and every op that consumes it run in FP32. The region therefore grows forward
+    through consumers while outputs stay out of range - it ends at the first op whose output is
+    back within FP16 range - and backward to the producer of an out-of-range input. A model
+    input or constant out of range pulls in its consumers. A value the FP32 program does not
+    show (fused away there) is assumed to carry the problem on, in both directions.
+    """
+    const_ranges = const_ranges or {}
+    producer = {v: op for op in ops for v in op.outputs}
+    users: dict = {}
+    for op in ops:
+        for v in op.inputs + op.consts:
+            users.setdefault(v, []).append(op)
+    bad = [v for v, s in ranges.items() if leaves_fp16(s)] + [v for v, s in const_ranges.items() if leaves_fp16(s)]
+    parent: dict = {}
+
+    def root(name):
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    seen, queue = set(), list(dict.fromkeys(bad))
+    while queue:
+        v = queue.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        touching = list(users.get(v, ())) + ([producer[v]] if v in producer else [])
+        first = None
+        for op in touching:
+            if op.name not in parent:
+                parent[op.name] = op.name
+                queue += [o for o in op.outputs + op.inputs if o not in ranges]
+            if first is None:
+                first = root(op.name)
+            elif root(op.name) != first:
+                parent[root(op.name)] = first
+    index = {op.name: op.index for op in ops}
+    groups: dict = {}
+    for name in sorted(parent, key=index.get):
+        groups.setdefault(root(name), []).append(name)
+    return sorted((tuple(g) for g in groups.values()), key=lambda g: index[g[0]])
 
 
 def _suspects(report, tolerance: float, names: list[str]) -> tuple[list, list]:
@@ -193,8 +353,10 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
 
     ``tolerance`` is on the worst output relative error (max |err| / max |ref|) against torch FP32
     under ``compute_units`` (emulated GPU and Neural Engine by default). ``time_budget`` bounds
-    the search in seconds; when no fix is found within it, ``found`` is False and ``message`` says
-    so (``conversion`` is then the best set tried).
+    the search in seconds. ``found`` is True only when the returned set's own verification
+    (a real conversion, re-run) is within tolerance; otherwise ``message`` says why, and
+    ``conversion`` / ``error_after`` are those of the best set tried. ``regions`` lists the FP32
+    regions found from the FP32 program's value ranges (see :func:`fp32_regions`).
     """
     from tqdm.auto import tqdm
 
@@ -202,6 +364,9 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
 
     start = time.perf_counter()
     opts = as_options(options)
+    if opts.convert_to != "mlprogram":
+        raise ValueError(f"find_fp32_ops needs convert_to='mlprogram', got {opts.convert_to!r}: a neural network "
+                         "has no compute precision to choose per op (Core ML picks FP16 on GPU/NE at run time)")
     if opts.precision == "fp32":
         opts = opts.replace(precision="fp16")
     prep = prepare(model, example_inputs)
@@ -214,74 +379,114 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
     check = _Checker(prep, opts, feeds, want, compute_units, time_budget, bar)
     try:
         before, conv16 = check.error(frozenset())
-        ref = convert(None, options=opts.replace(precision="fp32", fp32_ops=()), prepared=prep)
-        all_ops = [op.name for op in ref.program.functions["main"].operations if op.op_type not in ("const",)]
+        view, consts, mlmodel32 = selector_view(prep, opts)
+        all_ops = [op.name for op in view]
         n_ops = len(all_ops)
         if before <= tolerance:
-            return _result((), conv16, before, before, tolerance, n_ops, True,
+            return _result((), conv16, before, before, tolerance, view, True,
                            f"the FP16 conversion is already within tolerance ({before:.3g} <= {tolerance:g}): "
                            "no op needs FP32", check, start)
-        report = diagnose(model, prep.inputs, opts, compute_units=tuple(compute_units), inputs=inputs,
-                          progress=False)
-        must, ranked = _suspects(report, tolerance, all_ops)
-        chosen = frozenset(must)
+        regions = fp32_regions(view, fp32_ranges(mlmodel32, feeds), consts)
+        chosen = frozenset(o for region in regions for o in region)
         err, conv = check.error(chosen) if chosen else (before, conv16)
-        # grow by local error in doubling batches, then bisect the last batch
-        batch = 1
-        while err > tolerance and ranked and not check.out_of_time():
-            take = ranked[:batch]
-            trial = chosen | frozenset(take)
-            e, c = check.error(trial)
-            if e <= tolerance:
-                lo, hi = 0, len(take)  # smallest prefix of this batch that is enough
-                while hi - lo > 1 and not check.out_of_time():
-                    mid = (lo + hi) // 2
-                    em, cm = check.error(chosen | frozenset(take[:mid]))
-                    if em <= tolerance:
-                        hi = mid
-                    else:
-                        lo = mid
-                chosen = chosen | frozenset(take[:hi])
-                err, conv = check.error(chosen)
-                break
-            chosen, err, conv = trial, e, c
-            ranked = ranked[batch:]
-            batch *= 2
-        # drop every op the fix does not need (later ops first)
+        region_note = (f"; the FP32 regions where FP16 range is exceeded ({len(chosen)} ops) alone leave "
+                       f"{err:.3g}" if chosen and conv is not None else "")
+        if err > tolerance and not check.out_of_time():
+            report = diagnose(model, prep.inputs, opts, compute_units=tuple(compute_units), inputs=inputs,
+                              progress=False)
+            must, ranked = _suspects(report, tolerance, all_ops)
+            ranked = [o for o in must + ranked if o not in chosen]
+            err, chosen, conv = _grow(check, chosen, err, conv, ranked, tolerance)
         if err <= tolerance:
-            for op in sorted(chosen, key=lambda o: -all_ops.index(o) if o in all_ops else 0):
-                if check.out_of_time():
-                    break
-                e, c = check.error(chosen - {op})
-                if e <= tolerance:
-                    chosen, err, conv = chosen - {op}, e, c
+            err, chosen, conv = _shrink(check, chosen, err, conv, regions, all_ops, tolerance)
+        else:  # no fix: report the best set that was really verified
+            verified = [(e, len(ops), sorted(ops), c) for ops, (e, c) in check.memo.items() if c is not None]
+            if verified:
+                err, _, ordered_best, conv = min(verified, key=lambda v: v[:3])
+                chosen = frozenset(ordered_best)
         found = err <= tolerance and conv is not None
+        kept = set(chosen)
+        regions = [r for r in (tuple(o for o in region if o in kept) for region in regions) if r]
+        lone = _single_op_note(regions)
         if found:
             message = (f"keeping {len(chosen)} of {n_ops} ops in FP32 brings the worst output error from "
-                       f"{before:.3g} to {err:.3g} (tolerance {tolerance:g}), verified by conversion")
+                       f"{before:.3g} to {err:.3g} (tolerance {tolerance:g}), verified by conversion"
+                       + (f"; {lone}" if lone else ""))
         elif check.out_of_time():
             message = (f"no fix within the {time_budget:g}s budget: the best set tried ({len(chosen)} ops) leaves "
-                       f"error {err:.3g} > {tolerance:g}; raise time_budget, or use precision='fp32'")
+                       f"error {err:.3g} > {tolerance:g}{region_note}; raise time_budget, or use precision='fp32'")
         else:
             message = (f"no subset of ops in FP32 reaches tolerance {tolerance:g} (best {err:.3g} with "
-                       f"{len(chosen)} ops): the error comes from FP16 weights or I/O; use precision='fp32'")
+                       f"{len(chosen)} ops{region_note}): the error comes from FP16 weights or I/O; "
+                       "use precision='fp32'")
         ordered = tuple(o for o in all_ops if o in chosen) + tuple(sorted(o for o in chosen if o not in all_ops))
-        return _result(ordered, conv, before, err, tolerance, n_ops, found, message, check, start)
+        return _result(ordered, conv, before, err, tolerance, view, found, message, check, start, regions)
     finally:
         bar.close()
 
 
-def _result(ops, conv, before, after, tolerance, n_ops, found, message, check, start) -> MixedPrecisionFix:
+def _grow(check: _Checker, chosen: frozenset, err: float, conv, ranked: list, tolerance: float):
+    """Add ``ranked`` ops in doubling batches until the error is within tolerance, then bisect the
+    last batch for its smallest sufficient prefix. Returns (error, set, conversion) of the last set."""
+    batch = 1
+    while err > tolerance and ranked and not check.out_of_time():
+        take = ranked[:batch]
+        trial = chosen | frozenset(take)
+        e, c = check.error(trial)
+        if e <= tolerance:
+            lo, hi = 0, len(take)  # smallest prefix of this batch that is enough
+            while hi - lo > 1 and not check.out_of_time():
+                mid = (lo + hi) // 2
+                if check.error(chosen | frozenset(take[:mid]))[0] <= tolerance:
+                    hi = mid
+                else:
+                    lo = mid
+            chosen = chosen | frozenset(take[:hi])
+            err, conv = check.error(chosen)
+            break
+        chosen, err, conv = trial, e, c
+        ranked = ranked[batch:]
+        batch *= 2
+    return err, chosen, conv
+
+
+def _shrink(check: _Checker, chosen: frozenset, err: float, conv, regions: list, all_ops: list, tolerance: float):
+    """Drop every region, then every op, the fix does not need (later ones first); each drop verified."""
+    position = {o: i for i, o in enumerate(all_ops)}
+    groups = [frozenset(r) for r in regions if len(r) > 1 and len(regions) > 1]
+    groups += [frozenset([o]) for o in sorted(chosen, key=lambda o: -position.get(o, -1))]
+    for group in groups:
+        if check.out_of_time():
+            break
+        if not group <= chosen or group == chosen:
+            continue
+        e, c = check.error(chosen - group)
+        if e <= tolerance and c is not None:
+            chosen, err, conv = chosen - group, e, c
+    return err, chosen, conv
+
+
+def _single_op_note(regions: list) -> str:
+    """Why a region, not one op, where a region has several ops."""
+    longest = max(regions, key=len, default=())
+    if len(longest) < 2:
+        return ""
+    return (f"FP16 cannot hold the values from {longest[0]!r} to {longest[-1]!r}: {len(longest)} ops form one "
+            "FP32 region (one op alone in FP32 would have its result cast back to FP16)")
+
+
+def _result(ops, conv, before, after, tolerance, view, found, message, check, start, regions=()) -> MixedPrecisionFix:
+    kinds = {op.name: op.op_type for op in view}
     types: dict = {}
-    if conv is not None:
-        names = set(ops)
-        for op in conv.program.functions["main"].operations:
-            if op.name in names:
-                types[op.op_type] = types.get(op.op_type, 0) + 1
+    for name in ops:
+        if name in kinds:
+            types[kinds[name]] = types.get(kinds[name], 0) + 1
+    outputs = {op.name: op.outputs for op in view if op.name in set(ops)}
     return MixedPrecisionFix(ops=tuple(ops), op_types=types, conversion=conv, error_before=before,
-                             error_after=after, tolerance=tolerance, n_fp32=len(ops), n_ops=n_ops, found=found,
+                             error_after=after, tolerance=tolerance, n_fp32=len(ops), n_ops=len(view), found=found,
                              message=message, trials=check.trials, elapsed=time.perf_counter() - start,
-                             history=list(check.history))
+                             history=list(check.history),
+                             tried={k: v[0] for k, v in check.memo.items()}, regions=[tuple(r) for r in regions], op_outputs=outputs)
 
 
 # ----------------------------------------------------------------------------- suggestions

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .fp16 import FP16_MIN_SUBNORMAL
+
 #: histogram bin edges of log10 |a - r| (exact matches and non-finite values are counted apart)
 HIST_EDGES = np.arange(-12.0, 4.01, 0.25)
 
@@ -208,6 +210,33 @@ class ErrorStats:
         errs["top1_agree"] = self.rows_agree / self.rows if self.rows else math.nan
         errs["elements"] = self.n
         return errs
+
+
+def degenerate_reference(max_abs_err: float, rel_err: float) -> str | None:
+    """Why a relative error means nothing for this output, or None when the reference carries signal.
+
+    ``max |r|`` is recovered from the metrics (``rel_err = max |a - r| / max |r|``). A reference
+    that is all zeros has no scale to be relative to; one whose every value is below FP16's
+    smallest subnormal (2^-24 ~ 5.96e-8) flushes to zero in FP16 entirely, so an FP16 result of
+    zeros has relative error 1 by construction, not because the model computes anything wrong.
+    """
+    try:
+        max_abs_err, rel_err = float(max_abs_err), float(rel_err)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(max_abs_err) or math.isnan(rel_err) or math.isinf(max_abs_err) or rel_err == 0:
+        return None
+    max_ref = 0.0 if math.isinf(rel_err) else max_abs_err / rel_err
+    if max_ref == 0:
+        return ("the reference output is all zeros: it carries no signal, so a relative error means nothing "
+                f"(compare the absolute error, {max_abs_err:.3g})")
+    if max_ref < FP16_MIN_SUBNORMAL:
+        return (f"the reference output is tiny (max |x| = {max_ref:.3g}, below FP16's smallest subnormal "
+                "2^-24 ~ 5.96e-8): in FP16 every such value flushes to zero (a constant is raised to 2^-24), so "
+                "the reference carries no signal FP16 can hold and the relative error says nothing about the "
+                "model (1 when the result is all zeros); scale the output up, or keep the ops that produce it "
+                "in FP32")
+    return None
 
 
 def reference_sums(r: torch.Tensor) -> tuple[float, float]:

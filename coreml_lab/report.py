@@ -42,6 +42,7 @@ from typing import Any
 import pandas as pd
 
 from .fp16 import FP16_MAX
+from .metrics import degenerate_reference
 
 
 @dataclass
@@ -309,6 +310,9 @@ def _fmt(x) -> str:
 def _verdict(row, tolerance: float) -> str:
     if row.nonfinite_frac and row.nonfinite_frac > 0:
         return f"BROKEN: {_pct(row.nonfinite_frac)} of output values are inf/NaN"
+    why = degenerate_reference(row.max_abs_err, row.rel_err)
+    if why and (row.rel_err > tolerance or (row.top1_agree == row.top1_agree and row.top1_agree < 1)):
+        return f"NO SIGNAL TO COMPARE: {why}"
     if row.top1_agree == row.top1_agree and row.top1_agree < 1:
         return "DIFFERENT: the top-1 class changes"
     if row.rel_err > tolerance:

@@ -15,6 +15,7 @@ SAMPLES = (
     "healthy",
     "fp16_overflow",
     "fp16_underflow",
+    "spectrogram",
     "cu_classifier",
     "deep_residual",
     "conv_strides",
