@@ -32,6 +32,7 @@ from . import runtime as rt
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import SharedRun, same_computation, share_key, var_input_names
 from .emulator.profiles import PROFILES, get_profile, profile_label
+from .environment import environment
 from .fp16 import FP16_MAX, RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, largest_finite, max_abs, reference_sums
 from .options import ConversionOptions, as_options
@@ -834,21 +835,6 @@ def _emulated(mlmodel, profile, module_of):
     if model is None:
         model = per_unit[profile.compute_unit] = rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
     return model
-
-
-def environment(runtime: str) -> dict:
-    """Where a run happened: OS and version, chip, library versions, runtime (measured or emulated)."""
-    import platform
-
-    import coremltools as ct
-
-    mac = platform.mac_ver()[0]
-    return {
-        "os": platform.system(), "os_version": mac or platform.release(), "machine": platform.machine(),
-        "chip": platform.processor() or platform.machine(), "python": platform.python_version(),
-        "coremltools": ct.__version__, "torch": torch.__version__, "numpy": np.__version__,
-        "runtime": runtime, "measured": runtime == "coreml",
-    }
 
 
 def _innermost_module_per_var(module_outputs: dict) -> dict:

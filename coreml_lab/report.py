@@ -35,12 +35,14 @@ Column reference (stable; notebooks and users rely on them):
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from . import bundle
 from .fp16 import FP16_MAX
 
 
@@ -256,9 +258,14 @@ class Report:
     # ---------------------------------------------------------------- sharing
     def save(self, path):
         """Write a run bundle (directory, or zip if ``path`` ends with .zip); see :mod:`coreml_lab.bundle`."""
-        from .bundle import save_report
-        return save_report(self, path)
+        return bundle.save_report(self, path)
 
+    @classmethod
+    def load(cls, path) -> Report:
+        """Read a bundle written by :meth:`save` back into a Report (tables, histograms, runs)."""
+        return cls(**bundle.read_bundle(path))
+
+    # plots and the HTML page import matplotlib: loaded when a figure is drawn, not with the library
     def to_html(self, title: str = "coreml_lab diagnosis") -> str:
         """One self-contained HTML page with the verdict, tables and figures."""
         from .htmlreport import render
@@ -286,7 +293,6 @@ class Report:
         return compute_unit_divergence(self, **kw)
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
-        import html
         return "<pre>" + html.escape(self.summary()) + "</pre>"
 
 
@@ -314,3 +320,8 @@ def _verdict(row, tolerance: float) -> str:
     if row.rel_err > tolerance:
         return "DIFFERENT beyond tolerance"
     return "close to PyTorch"
+
+
+def load_report(path) -> Report:
+    """Read a bundle written by :meth:`Report.save` back into a Report (tables, histograms, runs)."""
+    return Report.load(path)
