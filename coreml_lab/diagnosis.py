@@ -32,6 +32,7 @@ from . import runtime as rt
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import SharedRun, same_computation, share_key, var_input_names
 from .emulator.profiles import PROFILES, get_profile, profile_label
+from .emulator.program import walk_ops
 from .environment import environment
 from .fp16 import FP16_MAX, RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, largest_finite, max_abs, reference_sums
@@ -63,15 +64,11 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     match: dict[str, str] = {n: n for n in dev_f.inputs if n in ref_inputs}
     index: dict = defaultdict(list)
     ref_names = set(ref_inputs)
-    for op in ref_f.operations:
-        if op.op_type == "const":
-            continue
+    for op in walk_ops(ref_f, nested=False):  # pairs top-level steps: a loop is one op
         index[(op.op_type, _input_signature(op, None))].append(op)
         ref_names.update(v.name for v in op.outputs)
     used = set()
-    for op in dev_f.operations:
-        if op.op_type == "const":
-            continue
+    for op in walk_ops(dev_f, nested=False):
         sig = _input_signature(op, match)
         cands = [c for c in index.get((op.op_type, sig), []) if id(c) not in used] if sig is not None else []
         if cands:
@@ -785,8 +782,7 @@ class Diagnosis:
             if name in self.ranges:
                 rows.append({"index": -1, "op": "", "output": name, "op_type": "input", "kind": "input",
                              "module": None, "inputs_max_abs": math.nan, **self.ranges[name].result(), "used_by": ""})
-        ops = [op for f in self.conv32.program.functions.values() for op in f.operations if op.op_type != "const"]
-        for index, op in enumerate(ops):
+        for index, op in enumerate(walk_ops(self.conv32.program, nested=False)):  # indices of top-level steps
             for v in op.outputs:
                 if v.name not in self.ranges:
                     continue

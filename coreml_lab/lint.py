@@ -24,6 +24,7 @@ import numpy as np
 
 from .convert import Conversion
 from .emulator.profiles import NE_UNSUPPORTED_OPS
+from .emulator.program import walk_ops
 
 POSTPROCESS_OPS = {"reshape", "transpose", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",
                    "gather_nd", "topk", "argsort", "non_maximum_suppression", "squeeze", "expand_dims", "tile",
@@ -54,14 +55,8 @@ def _prime_factors(n: int) -> int:
 
 
 def _ops(conv: Conversion):
-    def walk(block):
-        for op in block.operations:
-            if op.op_type != "const":
-                yield op
-            for b in op.blocks:
-                yield from walk(b)
-    for f in conv.program.functions.values():
-        yield from walk(f)
+    """Every op the program holds, those of nested blocks too (a hostile op in a loop body counts)."""
+    return walk_ops(conv.program, nested=True)
 
 
 def lint(conv: Conversion) -> list[Finding]:

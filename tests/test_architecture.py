@@ -101,3 +101,25 @@ def test_no_import_cycle_inside_coreml_lab():
         graph[a].discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_walk_ops_chooses_between_the_top_level_and_nested_blocks():
+    """The one op walk: nested=False sees a cond as one op (one interpreter step), nested=True
+    also the ops of its branches, right after it; consts only when asked."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    from coreml_lab.emulator.program import walk_ops
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,))], opset_version=ct.target.iOS17)
+    def prog(x):
+        pred = mb.reduce_sum(x=x, axes=[0], keep_dims=False)
+        positive = mb.greater(x=pred, y=0.0)
+        return mb.cond(pred=positive, _true_fn=lambda: mb.relu(x=x), _false_fn=lambda: mb.sigmoid(x=mb.mul(x=x, y=2.0)))
+
+    top = [op.op_type for op in walk_ops(prog, nested=False)]
+    assert top == ["reduce_sum", "greater", "cond"]
+    assert [op.op_type for op in walk_ops(prog, nested=True)] == ["reduce_sum", "greater", "cond", "relu", "mul",
+                                                                 "sigmoid"]
+    with_consts = [op.op_type for op in walk_ops(prog.functions["main"], nested=False, consts=True)]
+    assert "const" in with_consts and [t for t in with_consts if t != "const"] == top
