@@ -43,6 +43,7 @@ from typing import Any
 import pandas as pd
 
 from . import bundle
+from .environment import environment
 from .fp16 import FP16_MAX
 
 
@@ -98,6 +99,84 @@ class Report:
                    fp16_range=pd.DataFrame(columns=cls.RANGE_COLUMNS), options=options,
                    compute_units=list(compute_units), runtime=runtime, messages=list(getattr(exc, "messages", [])),
                    error=str(exc), error_explanation=getattr(exc, "explanation", None))
+
+    @classmethod
+    def from_statistics(cls, stats, *, conversion, runtime: str, n_inputs: int) -> Report:
+        """The Report of a diagnosis from its :class:`~.statistics.Statistics` (every table, the
+        histograms, notes and runs); ``conversion`` is the diagnosed one."""
+        module_of = stats.pairing.layer_map.module_of
+        layer_rows = []
+        nan = math.nan
+        for cu in stats.units:
+            for name, st in stats.ops[cu].items():
+                if st.info is None:
+                    continue
+                info = st.info
+                acc = st.acc.result() if st.acc.n else {}
+                loc = st.local.result() if st.local.n else {}
+                key = stats.ref_of.get(name)
+                mod_out = stats.pairing.module_vars.get(key)
+                torch_layer = stats.torch_layers[mod_out].result() if mod_out in stats.torch_layers else {}
+                layer_rows.append({
+                    "compute_unit": cu, "runtime": runtime, "index": info.index, "op": info.op, "output": name,
+                    "op_type": info.op_type, "module": module_of(name), "module_output": mod_out,
+                    "device": info.device, "shape": stats.shapes.get(name), "max_abs": st.max_abs,
+                    "max_abs_err": acc.get("max_abs_err", nan), "mean_abs_err": acc.get("mean_abs_err", nan),
+                    "rel_err": acc.get("rel_err", nan), "snr_db": acc.get("snr_db", nan),
+                    "psnr_db": acc.get("psnr_db", nan), "cosine": acc.get("cosine", nan),
+                    "nonfinite_frac": acc.get("nonfinite_frac", 1.0 if st.nonfinite else 0.0),
+                    "nonfinite_onset": st.nonfinite and not st.nonfinite_from_inputs,
+                    "local_max_abs_err": loc.get("max_abs_err", nan), "local_rel_err": loc.get("rel_err", nan),
+                    "local_snr_db": loc.get("snr_db", nan), "torch_rel_err": torch_layer.get("rel_err", nan),
+                    "inputs": ",".join(info.inputs), "reference": key if (st.acc.n or st.ints) else None,
+                    "int_mismatch_frac": st.ints_differ / st.ints if st.ints else nan,
+                    "int_mismatch_onset": bool(st.ints_differ) and not st.ints_from_inputs,
+                })
+        layers = pd.DataFrame(layer_rows, columns=cls.LAYER_COLUMNS)
+        if len(layers):
+            layers = layers.sort_values(["compute_unit", "index"], kind="stable").reset_index(drop=True)
+        out_rows = []
+        for cu in stats.units:
+            for name in stats.output_names:
+                if (cu, name) not in stats.outputs:
+                    continue
+                res = stats.outputs[(cu, name)].result()
+                gold = stats.outputs_golden[(cu, name)].result() if (cu, name) in stats.outputs_golden else {}
+                out_rows.append({"compute_unit": cu, "runtime": runtime, "output": name,
+                                 "shape": stats.shapes.get(("output", name)), **res,
+                                 "golden_max_abs_err": gold.get("max_abs_err", nan),
+                                 "golden_rel_err": gold.get("rel_err", nan)})
+        onset = []
+        for cu, name in stats.first_nonfinite.items():
+            info = stats.ops[cu][name].info
+            onset.append({"compute_unit": cu, "index": info.index, "op": info.op, "output": name,
+                          "op_type": info.op_type, "module": module_of(name), "device": info.device})
+        torch_layers = pd.DataFrame([{"module": m, **s.result()} for m, s in stats.torch_layers.items()]
+                                    + [{"module": m, "shape_mismatch": f"{a} vs torch {b}"}
+                                       for m, (a, b) in stats.torch_mismatch.items()])
+        div_rows = []
+        first = stats.ops[stats.units[0]] if stats.units else {}
+        for (a, b, name), st in stats.pairs.items():
+            info = first[name].info if name in first and first[name].info else None
+            div_rows.append({"pair": f"{a} vs {b}", "index": info.index if info else nan, "op": info.op if info else "",
+                             "output": name, "op_type": info.op_type if info else "", "module": module_of(name),
+                             **st.result()})
+        histograms = {("layer", cu, name): st.hist.to_dict() for cu in stats.units
+                      for name, st in stats.ops[cu].items()
+                      if st.hist.counts.sum() or st.hist.exact or st.hist.nonfinite}
+        histograms.update({("output", cu, name): h.to_dict() for (cu, name), h in stats.output_hist.items()})
+        return cls(
+            layers=layers, outputs=pd.DataFrame(out_rows, columns=cls.OUTPUT_COLUMNS),
+            fp16_range=pd.DataFrame(stats.range_rows(), columns=cls.RANGE_COLUMNS),
+            references=pd.DataFrame([{"reference": k[0], "output": k[1], **v.result()}
+                                     for k, v in stats.references.items()], columns=cls.REFERENCE_COLUMNS),
+            first_nonfinite=pd.DataFrame(onset, columns=cls.ONSET_COLUMNS), torch_layers=torch_layers,
+            divergence=pd.DataFrame(div_rows, columns=cls.DIVERGENCE_COLUMNS),
+            histograms=histograms, options=conversion.options, compute_units=list(stats.units), runtime=runtime,
+            n_inputs=n_inputs, conversion=conversion, messages=list(conversion.messages),
+            layer_source=stats.pairing.layer_map.source, notes=sorted(stats.notes), runs=stats.runs,
+            environment=environment(runtime),
+        )
 
     @property
     def ok(self) -> bool:
@@ -230,6 +309,7 @@ class Report:
         else:
             lines.append(f"No op exceeds tolerance {tolerance:g}.")
         lines += self._hints(tolerance, culprits)
+        lines += [f"Note: {note}" for note in self.notes]  # what could not be measured, and why
         explained = [m for m in self.messages if getattr(m, "explanation", None) is not None
                      and m.source != "coremltools import"]
         for m in explained[:3]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from .convert import ConversionError, convert, prepare
-from .diagnosis import dataset
+from .feeds import dataset
 from .fixes import measure
 from .lint import lint
 from .options import ConversionOptions, as_options
