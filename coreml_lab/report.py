@@ -43,8 +43,9 @@ from typing import Any
 import pandas as pd
 
 from . import bundle
+from . import culprits as culprit_rules
+from .culprits import fmt, pct
 from .environment import environment
-from .fp16 import FP16_MAX
 
 
 @dataclass
@@ -65,8 +66,7 @@ class Report:
     ONSET_COLUMNS = ["compute_unit", "index", "op", "output", "op_type", "module", "device"]
     DIVERGENCE_COLUMNS = ["pair", "index", "op", "output", "op_type", "module", "max_abs_diff", "rel_diff",
                           "nonfinite_frac"]
-    CULPRIT_COLUMNS = ["compute_unit", "op", "op_type", "module", "reason", "score", "index", "output",
-                       "rel_err", "local_rel_err", "nonfinite_frac"]
+    CULPRIT_COLUMNS = culprit_rules.COLUMNS
 
     layers: pd.DataFrame
     outputs: pd.DataFrame
@@ -192,80 +192,10 @@ class Report:
         the op alone loses more than ``tolerance`` relative (local error); the error grows
         here more than 10x over its inputs' error. An op with a large accumulated but small
         local error is not blamed. Columns: compute_unit, op, op_type, module, reason, score,
-        index, output, rel_err, local_rel_err, nonfinite_frac.
+        index, output, rel_err, local_rel_err, nonfinite_frac. The rules, their scores and
+        thresholds are the table :data:`.culprits.RULES`.
         """
-        if self.layers is None or not len(self.layers):
-            return pd.DataFrame(columns=self.CULPRIT_COLUMNS)
-        ranges = {}
-        if self.fp16_range is not None and len(self.fp16_range):
-            act = self.fp16_range[self.fp16_range["kind"] == "activation"]
-            ranges = {r.output: r for r in act.itertuples()}
-            weights = self.fp16_range[self.fp16_range["kind"] == "weight"]
-        else:
-            weights = pd.DataFrame(columns=self.RANGE_COLUMNS)
-        flushed_consts = {}
-        for w in weights.itertuples():
-            if w.flush_frac > 0 or w.overflow_frac > 0:
-                for user in str(w.used_by).split(", "):
-                    flushed_consts.setdefault(user, []).append(w)
-        rel_by = {(r.compute_unit, r.output): r.rel_err for r in self.layers.itertuples()}
-        rows = []
-        for r in self.layers.itertuples():
-            reasons = []
-            rng = ranges.get(r.reference) if r.reference else None
-            bad_here = (r.nonfinite_frac or 0) > 0 or _gt(r.rel_err, tolerance)
-            if r.nonfinite_onset:
-                reasons.append((1000 + 100 * (r.nonfinite_frac or 0),
-                                f"non-finite values start here ({_pct(r.nonfinite_frac)} inf/NaN) while its "
-                                "inputs are finite"))
-            if rng is not None and rng.overflow_frac > 0 and not (rng.inputs_max_abs > FP16_MAX) and bad_here:
-                reasons.append((900 + math.log10(max(rng.max_abs / FP16_MAX, 1.0)),
-                                f"FP16 overflow starts here: max |x| = {rng.max_abs:.3g} > 65504 while its inputs "
-                                f"stay within FP16 range ({_fmt(rng.inputs_max_abs)})"))
-            if r.int_mismatch_onset and _gt(r.int_mismatch_frac, 0):
-                reasons.append((700 + r.int_mismatch_frac,
-                                f"its integer output differs on {_pct(r.int_mismatch_frac)} of elements: FP16 "
-                                "rounding changes which elements it selects (a discrete op amplifies tiny errors)"))
-            if _gt(r.torch_rel_err, 1e-3):
-                reasons.append((800 + math.log10(r.torch_rel_err / 1e-3),
-                                f"the FP32 program already differs from torch here (rel err {r.torch_rel_err:.2g}): "
-                                "a translation error, not precision"))
-            local_bad = _gt(r.local_rel_err, tolerance) or bool(r.nonfinite_onset)
-            if rng is not None and rng.flush_frac > 0 and local_bad:
-                reasons.append((600 + rng.flush_frac, f"{_pct(rng.flush_frac)} of its values are below 2^-24 and "
-                                f"flush to zero in FP16"))
-            for w in flushed_consts.get(r.reference, []):
-                if local_bad:
-                    what = "flushes to zero" if w.flush_frac > 0 else "overflows"
-                    reasons.append((650, f"its constant {w.output} (|x| = {_fmt(w.min_abs_nonzero if w.flush_frac else w.max_abs)}) "
-                                         f"{what} in FP16"))
-            if _gt(r.local_rel_err, tolerance):
-                reasons.append((100 + min(10 * math.log10(r.local_rel_err / tolerance), 400),
-                                f"the op alone loses {r.local_rel_err:.2g} relative"))
-            ins = [rel_by.get((r.compute_unit, i)) for i in str(r.inputs).split(",") if i]
-            ins = [x for x in ins if x is not None and not math.isnan(x)]
-            worst_in = max(ins) if ins else 0.0
-            if _gt(r.rel_err, tolerance) and not math.isinf(r.rel_err) and r.rel_err > 10 * max(worst_in, 1e-12) \
-                    and not (r.local_rel_err == r.local_rel_err and r.local_rel_err < 0.1 * r.rel_err):
-                reasons.append((50 + min(math.log10(r.rel_err / max(worst_in, 1e-12)), 40),
-                                f"error grows here: rel err {r.rel_err:.2g} vs {worst_in:.2g} at its inputs"))
-            if not reasons:
-                continue
-            reasons.sort(key=lambda x: -x[0])
-            rows.append({"compute_unit": r.compute_unit, "op": r.op, "op_type": r.op_type, "module": r.module,
-                         "reason": "; ".join(t for _, t in reasons), "score": round(reasons[0][0], 3),
-                         "index": r.index, "output": r.output, "rel_err": r.rel_err,
-                         "local_rel_err": r.local_rel_err, "nonfinite_frac": r.nonfinite_frac})
-        df = pd.DataFrame(rows, columns=self.CULPRIT_COLUMNS)
-        if not len(df):
-            return df
-        # the same op blamed for the same reason on several compute units: one row
-        merged = (df.groupby(["op", "reason"], sort=False, dropna=False)
-                  .agg({**{c: "first" for c in self.CULPRIT_COLUMNS if c not in ("op", "reason", "compute_unit")},
-                        "compute_unit": lambda cus: ", ".join(cus)})
-                  .reset_index())[self.CULPRIT_COLUMNS]
-        return (merged.sort_values(["score", "index"], ascending=[False, True], kind="stable").head(n)
-                .reset_index(drop=True))
+        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance)
 
     # ---------------------------------------------------------------- verdict
     def summary(self, tolerance: float = 1e-2) -> str:
@@ -288,12 +218,12 @@ class Report:
             verdict = _verdict(worst, tolerance)
             agree = rows["top1_agree"].dropna()
             top1 = f", top-1 agreement {agree.min():.0%}" if len(agree) else ""
-            lines.append(f"- {cu}: {verdict} (max abs err {_fmt(worst.max_abs_err)}, mean {_fmt(worst.mean_abs_err)}, "
-                         f"rel {_fmt(worst.rel_err)}{top1})")
+            lines.append(f"- {cu}: {verdict} (max abs err {fmt(worst.max_abs_err)}, mean {fmt(worst.mean_abs_err)}, "
+                         f"rel {fmt(worst.rel_err)}{top1})")
         fp32 = self.references[self.references["reference"].str.startswith("fp32 program")] \
             if len(self.references) else self.references
         if len(fp32):
-            lines.append(f"- FP32 conversion vs torch FP64: rel err {_fmt(fp32['rel_err'].max())}"
+            lines.append(f"- FP32 conversion vs torch FP64: rel err {fmt(fp32['rel_err'].max())}"
                          f"{' (translation error!)' if fp32['rel_err'].max() > 1e-3 else ' (conversion itself is right)'}")
         if len(self.first_nonfinite):
             r = self.first_nonfinite.iloc[0]
@@ -376,25 +306,9 @@ class Report:
         return "<pre>" + html.escape(self.summary()) + "</pre>"
 
 
-def _gt(x, t) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x)) and x > t
-
-
-def _pct(x) -> str:
-    return f"{100 * (x or 0):.1f}%" if (x or 0) >= 0.001 else f"{100 * (x or 0):.2g}%"
-
-
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return f"{x:.3g}"
-
-
 def _verdict(row, tolerance: float) -> str:
     if row.nonfinite_frac and row.nonfinite_frac > 0:
-        return f"BROKEN: {_pct(row.nonfinite_frac)} of output values are inf/NaN"
+        return f"BROKEN: {pct(row.nonfinite_frac)} of output values are inf/NaN"
     if row.top1_agree == row.top1_agree and row.top1_agree < 1:
         return "DIFFERENT: the top-1 class changes"
     if row.rel_err > tolerance:
