@@ -94,6 +94,39 @@ def test_the_cycle_finder_finds_a_cycle_and_reads_the_package():
     assert "coreml_lab.convert" in graph["coreml_lab.diagnosis"]
 
 
+#: The layers of README's "Layout" diagram, top first. A module imports only from its own layer
+#: or those below it (within a layer, the cycle test keeps the arrows one way).
+LAYERS = {
+    "entry points": ["coreml_lab", "cli", "widgets"],
+    "workflows": ["targets", "fixes", "lint"],
+    "diagnosis": ["diagnosis"],
+    "diagnosis parts": ["local_error", "statistics", "pairing", "report"],
+    "conversion, runs, report parts": ["convert", "mapping", "sources", "runtime", "reference", "fp16", "culprits",
+                                       "bundle", "plots", "htmlreport"],
+    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent"],
+}
+
+
+def _layer_of(module: str) -> int:
+    short = module.removeprefix("coreml_lab.").split(".")[0] if module != "coreml_lab" else "coreml_lab"
+    for depth, members in enumerate(LAYERS.values()):
+        if short in members:
+            return depth
+    raise AssertionError(f"{module} is in no layer of README's diagram: add it to LAYERS and the README")
+
+
+def test_imports_go_down_the_layers_of_the_readme_diagram():
+    graph = import_graph()
+    upward = [(a, b) for a, bs in graph.items() for b in bs if _layer_of(b) < _layer_of(a)]
+    assert not upward, f"imports against the layers: {upward}"
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("\n## ")[0]
+    for members in LAYERS.values():
+        for m in members:
+            if m != "coreml_lab":
+                assert m in layout, f"{m} is missing from README's layout"
+
+
 def test_no_import_cycle_inside_coreml_lab():
     graph = import_graph()
     for a, b in ALLOWED:
