@@ -1,20 +1,23 @@
-"""diagnose(): convert, run the references and every compute unit, and measure where precision is lost.
+"""diagnose(): convert, run the references and every compute unit in lockstep, and return the Report.
 
 How the numbers are made (all streaming: statistics are updated as values pass;
 no run keeps every tensor):
 
 * The FP32 conversion of the same model, run exactly (CPU_ONLY emulator), is the
-  per-op reference: each op of the diagnosed program is matched to the op of the
-  FP32 program it came from (same name without ``_cast_fp16``-style suffixes).
+  per-op reference: each op of the diagnosed program is paired with the op of the
+  FP32 program it came from (:mod:`.pairing`, by structure).
 * The diagnosed program runs under each compute unit *in lockstep* with that
-  reference run, so every op is compared while both values are alive
-  (accumulated error) and re-run alone on the reference inputs rounded to its
-  storage dtype (local error). A layer that is locally fine but accumulates error
-  is not the culprit; one with a large local error is.
+  reference run (:class:`~.emulator.lockstep.Lockstep`), so every op is compared while
+  both values are alive (accumulated error, :mod:`.statistics`) and re-run alone on the
+  reference inputs rounded to its storage dtype (local error, :mod:`.local_error`). A
+  layer that is locally fine but accumulates error is not the culprit; one with a large
+  local error is (:mod:`.culprits`).
 * torch FP32, with forward hooks on the modules whose output op is known, checks
   the FP32 program layer by layer: a wrong decomposition shows up even at FP32.
   torch FP64 is the golden reference that separates conversion error from
-  ordinary FP32 noise; ONNX Runtime is the reference of ONNX sources.
+  ordinary FP32 noise; ONNX Runtime is the reference of ONNX sources (:mod:`.reference`).
+* On macOS with ``runtime="coreml"`` the units are Core ML itself
+  (:meth:`.runtime.CoreMLRuntime.stream`), measured against the same reference.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ class Diagnosis:
                     torch_run = pump.outputs
                 else:
                     ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None))
-            else:  # pragma: no cover - Core ML runs on macOS only
+            else:  # Core ML (macOS; tests/test_runtime.py runs it with test doubles)
                 if tensors is not None:
                     torch_run = run_torch(self.torch_model, tensors, module_outputs)
                 ref_outs, dev_outs = self._measured(ref, feeds, torch_run)
@@ -215,7 +218,7 @@ class Diagnosis:
 
         return (yield from lock.run(ref_feeds, dev_feeds, on_step, on_reference))
 
-    def _measured(self, ref, feeds, torch_run):  # pragma: no cover - macOS only
+    def _measured(self, ref, feeds, torch_run):
         """Core ML runs: outputs and the intermediates Core ML returns, against the reference run."""
         keep = {}
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import bundle
+from . import bundle, htmlreport
 from . import culprits as culprit_rules
 from .culprits import fmt, pct
 from .environment import environment
@@ -275,35 +275,35 @@ class Report:
         """Read a bundle written by :meth:`save` back into a Report (tables, histograms, runs)."""
         return cls(**bundle.read_bundle(path))
 
-    # plots and the HTML page import matplotlib: loaded when a figure is drawn, not with the library
     def to_html(self, title: str = "coreml_lab diagnosis") -> str:
         """One self-contained HTML page with the verdict, tables and figures."""
-        from .htmlreport import render
-        return render(self, title)
+        return htmlreport.render(self, title)
 
     # ---------------------------------------------------------------- plots
     def plot_layer_errors(self, metric: str = "rel_err", **kw):
-        from .plots import layer_errors
-        return layer_errors(self, metric, **kw)
+        return _plots().layer_errors(self, metric, **kw)
 
     def plot_error_histograms(self, **kw):
-        from .plots import error_histograms
-        return error_histograms(self, **kw)
+        return _plots().error_histograms(self, **kw)
 
     def plot_layer_histogram(self, layer: str, **kw):
-        from .plots import layer_histogram
-        return layer_histogram(self, layer, **kw)
+        return _plots().layer_histogram(self, layer, **kw)
 
     def plot_fp16_range(self, **kw):
-        from .plots import fp16_range
-        return fp16_range(self, **kw)
+        return _plots().fp16_range(self, **kw)
 
     def plot_compute_unit_divergence(self, **kw):
-        from .plots import compute_unit_divergence
-        return compute_unit_divergence(self, **kw)
+        return _plots().compute_unit_divergence(self, **kw)
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
         return "<pre>" + html.escape(self.summary()) + "</pre>"
+
+
+def _plots():
+    """The plots module, imported when a figure is first drawn: it loads matplotlib, which a
+    diagnosis without figures (the CLI, a CI gate) does not need."""
+    from . import plots
+    return plots
 
 
 def _verdict(row, tolerance: float) -> str:
