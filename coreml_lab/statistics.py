@@ -261,7 +261,7 @@ class Statistics:
                             done[key] = DiffStats.measure(va, vb, max_b=m.max_abs if m is not None else None)
                         self.pairs[(a, b, name)].merge(done[key])
 
-    def add_measured(self, cu: str, index: int, record, want) -> None:  # pragma: no cover - macOS only
+    def add_measured(self, cu: str, index: int, record, want) -> None:
         """A value Core ML returned (an :class:`~.emulator.interpreter.OpRecord`) against ``want``,
         its reference value (None: none)."""
         st = self.ops[cu][record.name]
