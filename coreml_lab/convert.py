@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import messages as msgs
+from . import torch_ops
 from .emulator.program import mil_program
 from .messages import Message
 from .options import ConversionOptions, as_options
@@ -362,6 +363,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
             return dataclasses.replace(hit, prepared=prep)
 
     convertible = prep.take_convertible()
+    torch_ops.register()
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
     with msgs.capture() as captured:
         start = time.perf_counter()
@@ -385,7 +387,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         mlmodel=mlmodel, program=program, options=options,
         spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
         messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
-        + prep_messages + list(captured),
+        + _composite_notes(prep.graph_text) + prep_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
         onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
     )
@@ -397,6 +399,14 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         except OSError as exc:
             warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
     return conv
+
+
+def _composite_notes(graph_text: str) -> list[Message]:
+    """Info messages for the torch ops of the graph that went through coreml_lab's composites."""
+    return [msgs.make("info", f"aten::{name} has no coremltools translation; converted through coreml_lab's "
+                      f"composite ({how}), tested against torch", "coreml_lab")
+            for name, how in torch_ops.COMPOSITES.items()
+            if re.search(rf"aten::{name}\b|aten\.{name}\b|torch\.{name}\(", graph_text)]
 
 
 def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
