@@ -12,9 +12,10 @@ coremltools cannot convert.
 :class:`Traceable` is a module that shares the user's module tree (the very same
 submodules, parameters and buffers: module paths such as ``encoder.layer.0.attention``
 stay those of the user's model, and nothing is copied or modified) and calls the model
-from positional tensors by keyword, with ``return_dict=False`` / ``use_cache=False`` where
-the forward takes them, flattening what comes back to tensors. Inside its forward,
-:func:`traceable_masks` evaluates Hugging Face's mask functions by broadcasting instead of
+from positional tensors by keyword, with ``use_cache=False`` where the forward takes it,
+flattening what comes back to tensors (a ModelOutput's names become the output names).
+Inside its forward, :func:`traceable_masks` evaluates Hugging Face's mask functions by
+broadcasting instead of
 ``vmap`` (the same values), and the MHA fast path is off. The trace and every reference
 run go through the same forward, so they compute the same thing.
 """
@@ -33,8 +34,9 @@ import torch
 FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder,
                      torch.nn.TransformerDecoderLayer)
 
-#: keyword arguments that make a Hugging Face forward return plain tensors, when it takes them
-TENSOR_ONLY_KWARGS = {"return_dict": False, "use_cache": False}
+#: keyword arguments that keep a Hugging Face forward from returning a cache, when it takes them (the
+#: ModelOutput itself is flattened by :func:`tensors_only`, which keeps its names for the outputs)
+TENSOR_ONLY_KWARGS = {"use_cache": False}
 
 _lock = threading.RLock()
 
@@ -123,6 +125,19 @@ def tensors_only(out):
                     "(return tensors, or tuples/dicts of tensors)")
 
 
+def output_names(out, flat) -> tuple | None:
+    """The names of a ModelOutput's / dict's tensors (``logits``, ``last_hidden_state`` ...) when each
+    flattened output is one of them; None otherwise."""
+    if not (hasattr(out, "keys") and isinstance(flat, tuple)):
+        return None
+    names = tuple(k for k in out.keys() if isinstance(out[k], torch.Tensor))
+    if len(names) != len(flat) or not all(isinstance(t, torch.Tensor) for t in flat):
+        return None
+    if not all(isinstance(n, str) and n.isidentifier() for n in names):
+        return None
+    return names
+
+
 def _is_cache(value) -> bool:
     return type(value).__name__.endswith("Cache") and not isinstance(value, torch.Tensor)
 
@@ -131,8 +146,10 @@ class Traceable(torch.nn.Module):
     """The user's model called by keyword from positional tensors, returning tensors only.
 
     It shares the model's submodules, parameters and buffers (its module paths are the
-    model's own); ``fixed`` keyword arguments (``return_dict=False`` ...) are added to each
-    call. torch's fused MHA / transformer fast path is off inside the forward.
+    model's own); ``fixed`` keyword arguments (``use_cache=False`` for Hugging Face models)
+    are added to each call. After a forward, ``output_names`` holds the names of a
+    ModelOutput's tensors (the converted outputs take them), or None. torch's fused MHA /
+    transformer fast path is off inside the forward.
     """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str], fixed: dict | None = None):
@@ -145,13 +162,17 @@ class Traceable(torch.nn.Module):
         self.training = model.training
         self.names = tuple(names)
         self.fixed = dict(fixed or {})
+        self.__dict__["output_names"] = None
 
     def forward(self, *tensors):
         if len(tensors) != len(self.names):
             raise TypeError(f"{type(self.wrapped).__name__} takes inputs {list(self.names)}; got {len(tensors)} tensors")
         kwargs = dict(zip(self.names, tensors), **self.fixed)
         with traceable_masks(), fast_path_off():
-            return tensors_only(self.wrapped(**kwargs))
+            out = self.wrapped(**kwargs)
+        flat = tensors_only(out)
+        self.__dict__["output_names"] = output_names(out, flat)
+        return flat
 
     def extra_repr(self) -> str:
         return f"{type(self.wrapped).__name__}({', '.join(self.names)}), {self.fixed}"

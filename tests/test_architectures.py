@@ -186,10 +186,11 @@ def test_architecture_converts_emulates_and_diagnoses(name, built):
     assert any(m.text.startswith(f"traced as {type(model).__name__}(") for m in conversion.messages)
 
     with torch.no_grad():
-        want = [v.numpy() for v in model(**inputs).values() if isinstance(v, torch.Tensor)]  # ModelOutput order
+        returned = {k: v.numpy() for k, v in model(**inputs).items() if isinstance(v, torch.Tensor)}
+    want = list(returned.values())  # ModelOutput order
     feeds = conversion.example_inputs.as_numpy()
     output_names = [o.name for o in spec.description.output]
-    assert len(output_names) == len(want)
+    assert output_names == list(returned), "the outputs keep the model's own names (logits, last_hidden_state ...)"
     for unit in UNITS:
         got = EmulatedModel(conversion.mlmodel, unit).predict(feeds)
         assert list(got) == output_names
