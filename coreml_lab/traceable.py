@@ -15,9 +15,8 @@ stay those of the user's model, and nothing is copied or modified) and calls the
 from positional tensors by keyword, with ``use_cache=False`` where the forward takes it,
 flattening what comes back to tensors (a ModelOutput's names become the output names).
 Inside its forward, :func:`traceable_masks` evaluates Hugging Face's mask functions by
-broadcasting instead of
-``vmap`` (the same values), and the MHA fast path is off. The trace and every reference
-run go through the same forward, so they compute the same thing.
+broadcasting instead of ``vmap`` (the same values), and the MHA fast path is off. The trace
+and every reference run go through the same forward, so they compute the same thing.
 """
 
 from __future__ import annotations
