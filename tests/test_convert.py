@@ -407,3 +407,19 @@ def test_composites_never_override_coremltools():
 def test_unsupported_fx_node_is_explained():
     exp = messages.explain("Unsupported fx node diff, kind diff")
     assert exp.key == "unsupported_fx_node" and "register_torch_op" in exp.fix
+
+
+def test_new_ones_composite_with_a_flexible_size_fills_at_run_time():
+    from coreml_lab.emulator import EmulatedModel
+
+    class NewOnes(torch.nn.Module):
+        def forward(self, x):
+            return x + x.new_ones((2, x.shape[1]))
+
+    options = cl.ConversionOptions(precision="fp32", inputs=(ct.TensorType(name="x", shape=(2, ct.RangeDim(1, 16, default=5))),))
+    conv = cl.convert(NewOnes(), (torch.randn(2, 5),), options, cache=False)
+    assert "fill" in conv.op_types()  # the size is only known at run time
+    for n in (3, 7):
+        x = torch.randn(2, n)
+        got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"x": x.numpy()}).values()))
+        assert np.allclose(got, NewOnes()(x).numpy())
