@@ -255,11 +255,10 @@ def _load_module(model: torch.nn.Module, example) -> tuple[Source, ExampleInputs
     if hf or not positional or fast:
         fixed = tensor_only_kwargs(ref) if hf else {}
         ref = Traceable(ref, inputs.names, fixed)
-        call = ", ".join([f"{n}=" for n in inputs.names] + [f"{k}={v}" for k, v in fixed.items()])
+        call = ", ".join([f"{n}=..." for n in inputs.names] + [f"{k}={v}" for k, v in fixed.items()])
         if hf or not positional:
             notes.append(f"traced as {type(model).__name__}({call}), tensors out; the converted inputs keep "
-                         f"these names" + (" (Hugging Face causal masks built by broadcasting, not torch.vmap, "
-                                           "which tracing cannot record)" if hf else ""))
+                         "these names")
         if fast:
             notes.append("torch's fused fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer "
                          "(aten::_native_multi_head_attention, aten::_transformer_encoder_layer_fwd), which "
@@ -268,6 +267,9 @@ def _load_module(model: torch.nn.Module, example) -> tuple[Source, ExampleInputs
                          f"{', '.join(fast[:4])}{' ...' if len(fast) > 4 else ''})")
     expected = ", ".join(inputs.names if not positional else (names or ["*args"]))
     _check_runs(ref, inputs, f"model {type(model).__name__}.forward", f"forward({expected})")
+    if getattr(ref, "built_masks", False):
+        notes.append("Hugging Face attention masks (transformers.masking_utils) were built by broadcasting "
+                     "instead of torch.vmap, which tracing cannot record (the same values)")
     return Source("module", ref, reference=ref, module=ref, notes=notes), inputs
 
 

@@ -70,8 +70,14 @@ def fast_path_off():
             mha.set_fastpath_enabled(previous)
 
 
+#: how many masks were built by :func:`_broadcast_for_bhqkv` (lets a caller tell whether a forward built any)
+broadcast_masks = 0
+
+
 def _broadcast_for_bhqkv(mask_function, bh_indices: bool = True):
     """``transformers.masking_utils._vmap_for_bhqkv`` by broadcasting: the same (B, H, Q, KV) mask."""
+    global broadcast_masks
+    broadcast_masks += 1
 
     def evaluate(batch_idx, head_idx, q_idx, kv_idx):
         if bh_indices:
@@ -162,13 +168,16 @@ class Traceable(torch.nn.Module):
         self.names = tuple(names)
         self.fixed = dict(fixed or {})
         self.__dict__["output_names"] = None
+        self.__dict__["built_masks"] = False  # whether the last forward built Hugging Face masks
 
     def forward(self, *tensors):
         if len(tensors) != len(self.names):
             raise TypeError(f"{type(self.wrapped).__name__} takes inputs {list(self.names)}; got {len(tensors)} tensors")
         kwargs = dict(zip(self.names, tensors), **self.fixed)
+        before = broadcast_masks
         with traceable_masks(), fast_path_off():
             out = self.wrapped(**kwargs)
+        self.__dict__["built_masks"] = broadcast_masks > before
         flat = tensors_only(out)
         self.__dict__["output_names"] = output_names(out, flat)
         return flat

@@ -227,7 +227,9 @@ def test_decoder_lms_convert_through_coreml_labs_composites(built):
     conversion = cl.convert(model, inputs, cl.ConversionOptions(precision="fp32"))
     texts = [m.text for m in conversion.messages]
     assert any("aten::diff" in t and "composite" in t for t in texts)
-    assert any("causal masks built by broadcasting" in t for t in texts)
+    assert any("attention masks (transformers.masking_utils) were built by broadcasting" in t for t in texts)
+    vit, vit_inputs, _ = built("vit")  # no masks: no such note
+    assert not any("masking_utils" in m.text for m in cl.convert(vit, vit_inputs).messages)
     assert model.config.use_cache and model.config.return_dict, "the user's config is left as it was"
     import transformers.masking_utils as masking
 
