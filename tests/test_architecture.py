@@ -103,7 +103,8 @@ LAYERS = {
     "diagnosis parts": ["local_error", "statistics", "pairing", "report"],
     "conversion, runs, report parts": ["convert", "mapping", "sources", "runtime", "reference", "fp16", "culprits",
                                        "bundle", "plots", "htmlreport"],
-    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent"],
+    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
+                    "traceable", "torch_ops"],
 }
 
 
