@@ -1,0 +1,537 @@
+"""Weight compression after conversion: short specs to coremltools configs, applying them, describing the result.
+
+A :class:`Compression` is what ``ConversionOptions(compression=...)`` holds: one or more
+``coremltools.optimize.coreml.OptimizationConfig`` steps (pruning, palettization, linear
+quantization; later steps of a joint form run with ``joint_compression=True``), frozen and
+hashable by a deterministic text of the configs' fields (the conversion cache key). It is
+built from a coremltools ``OptimizationConfig`` (or a list of them: a joint form) or from a
+short spec (:data:`SPEC_FORMS`). :func:`apply` runs coremltools' own compression functions on a
+converted model; :func:`describe` lists each compressed const (mode, nbits, granularity) with
+its weight error (SNR, max abs error) against the uncompressed weight, the decompressed value
+taken from coremltools' own ``materialized_val_inference`` of the constexpr ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import warnings
+from enum import Enum
+
+import numpy as np
+
+SPEC_FORMS = ("palettize2", "palettize3", "palettize4", "palettize6", "palettize8",
+              "int8-per-channel", "int8-per-tensor", "int4-per-channel", "int4-per-block32",
+              "int8-per-block32", "prune50", "prune75",
+              "prune50+palettize4", "prune50+int8", "palettize4+int8")
+SPEC_HELP = ("'palettizeN' (k-means LUT, N in 1,2,3,4,6,8), 'intN-per-channel' / 'intN-per-tensor' / "
+             "'intN-per-blockB' (linear symmetric quantization, N in 4,8), 'pruneP' (magnitude pruning to P% "
+             "sparsity), or joint forms joined by '+' (e.g. 'prune50+palettize4', 'prune50+int8', "
+             "'palettize4+int8')")
+
+MODES = {"prune": "prune_weights", "palettize": "palettize_weights", "quantize": "linear_quantize_weights"}
+
+
+class CompressionError(ValueError):
+    """A compression spec or config that cannot be applied (unknown form, or rejected for the target)."""
+
+
+def _cto():
+    import coremltools.optimize.coreml as cto
+
+    return cto
+
+
+# ----------------------------------------------------------------------------- specs and configs
+
+def _parse_step(text: str):
+    cto = _cto()
+    m = re.fullmatch(r"palettize(\d+)", text)
+    if m:
+        nbits = int(m.group(1))
+        if nbits not in (1, 2, 3, 4, 6, 8):
+            raise CompressionError(f"palettization takes 1, 2, 3, 4, 6 or 8 bits, got {text!r}")
+        return "palettize", cto.OpPalettizerConfig(mode="kmeans", nbits=nbits)
+    m = re.fullmatch(r"int(\d+)(?:-per-(channel|tensor|block(\d+)))?", text)
+    if m:
+        nbits = int(m.group(1))
+        if nbits not in (4, 8):
+            raise CompressionError(f"linear quantization takes 4 or 8 bits, got {text!r}")
+        granularity = m.group(2) or "channel"
+        kw = {}
+        if granularity.startswith("block"):
+            kw = {"granularity": "per_block", "block_size": int(m.group(3))}
+        else:
+            kw = {"granularity": "per_" + granularity}
+        return "quantize", cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{nbits}", **kw)
+    m = re.fullmatch(r"prune(\d+)", text)
+    if m:
+        pct = int(m.group(1))
+        if not 0 < pct < 100:
+            raise CompressionError(f"pruning takes a sparsity percentage between 1 and 99, got {text!r}")
+        return "prune", cto.OpMagnitudePrunerConfig(target_sparsity=pct / 100)
+    raise CompressionError(f"unknown compression spec {text!r}; expected {SPEC_HELP}")
+
+
+def config_mode(config) -> str:
+    """'prune', 'palettize' or 'quantize': which coremltools function an OptimizationConfig is for."""
+    cto = _cto()
+    if not isinstance(config, cto.OptimizationConfig):
+        raise CompressionError(f"compression must be a spec string ({SPEC_HELP}), a coremltools "
+                               f"OptimizationConfig or a list of them, got {type(config).__name__}")
+    ops = [config.global_config, *config.op_type_configs.values(), *config.op_name_configs.values()]
+    for op_config in ops:
+        if isinstance(op_config, cto.OpPalettizerConfig):
+            return "palettize"
+        if isinstance(op_config, cto.OpLinearQuantizerConfig):
+            return "quantize"
+        if isinstance(op_config, (cto.OpMagnitudePrunerConfig, cto.OpThresholdPrunerConfig)):
+            return "prune"
+    raise CompressionError("the OptimizationConfig holds no op config (global, op type or op name): "
+                           "nothing to compress")
+
+
+def _plain(value):
+    """A JSON-able, deterministic form of a config field value."""
+    from coremltools.converters.mil.mil import types
+
+    if isinstance(value, Enum):
+        return value.name.lower()
+    if isinstance(value, type) and types.is_builtin(value):
+        return types.builtin_to_string(value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def op_config_fields(op_config) -> dict:
+    """The fields of a coremltools op config (attrs class), as plain values."""
+    import attrs
+
+    if op_config is None:
+        return None
+    return {"type": type(op_config).__name__,
+            **{f.name: _plain(getattr(op_config, f.name)) for f in attrs.fields(type(op_config))}}
+
+
+def config_dict(config) -> dict:
+    """A deterministic dict form of an OptimizationConfig (coremltools has from_dict, no to_dict)."""
+    return {
+        "global_config": op_config_fields(config.global_config),
+        "op_type_configs": {k: op_config_fields(v) for k, v in sorted(config.op_type_configs.items())},
+        "op_name_configs": {k: op_config_fields(v) for k, v in sorted(config.op_name_configs.items())},
+    }
+
+
+class Compression:
+    """Frozen, hashable compression steps: ``steps`` = ((mode, OptimizationConfig), ...).
+
+    ``spec`` is the short spec it came from (None for a user's OptimizationConfig).
+    """
+
+    __slots__ = ("steps", "spec", "_key")
+
+    def __init__(self, steps, spec: str | None = None):
+        object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "_key", json.dumps([[mode, config_dict(c)] for mode, c in self.steps],
+                                                     sort_keys=True))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Compression is frozen")
+
+    @property
+    def joint(self) -> bool:
+        return len(self.steps) > 1
+
+    @property
+    def configs(self) -> tuple:
+        return tuple(c for _, c in self.steps)
+
+    def key(self) -> str:
+        return self._key
+
+    def __eq__(self, other):
+        return isinstance(other, Compression) and other._key == self._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __repr__(self):
+        return f"Compression({self.spec!r})" if self.spec else f"Compression({self.describe()})"
+
+    def describe(self) -> str:
+        return self.spec or "+".join(f"{mode}(config)" for mode, _ in self.steps)
+
+    def without(self, op_names) -> Compression:
+        """The same steps with ``op_name_configs[name] = None`` for every name (left uncompressed)."""
+        cto = _cto()
+        steps = []
+        for mode, c in self.steps:
+            names = dict(c.op_name_configs)
+            names.update({n: None for n in op_names})
+            steps.append((mode, cto.OptimizationConfig(global_config=c.global_config,
+                                                       op_type_configs=dict(c.op_type_configs),
+                                                       op_name_configs=names)))
+        return Compression(steps)
+
+    def only(self, op_name: str, op_type: str) -> Compression:
+        """The same steps restricted to one op (what that op gets under the full config)."""
+        cto = _cto()
+        steps = []
+        for mode, c in self.steps:
+            if op_name in c.op_name_configs:
+                chosen = c.op_name_configs[op_name]
+            elif op_type in c.op_type_configs:
+                chosen = c.op_type_configs[op_type]
+            else:
+                chosen = c.global_config
+            steps.append((mode, cto.OptimizationConfig(global_config=None, op_name_configs={op_name: chosen})))
+        return Compression(steps)
+
+
+def as_compression(value) -> Compression | None:
+    """None, a spec string, an OptimizationConfig, a list of them (joint), or a Compression."""
+    cto = _cto()
+    if value is None or isinstance(value, Compression):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if not text:
+            raise CompressionError(f"empty compression spec; expected {SPEC_HELP}")
+        steps = [_parse_step(part.strip()) for part in text.split("+")]
+        modes = [m for m, _ in steps]
+        if len(set(modes)) != len(modes):
+            raise CompressionError(f"compression spec {value!r} repeats a mode; expected {SPEC_HELP}")
+        # coremltools' joint compression: prune first, then palettize, then quantize
+        order = {"prune": 0, "palettize": 1, "quantize": 2}
+        steps.sort(key=lambda s: order[s[0]])
+        if modes.count("palettize") and modes.count("quantize") and not re.search(r"int\d+-per-", text):
+            # coremltools quantizes a palettized weight's LUT jointly only per tensor
+            steps = [(m, c if m != "quantize" else _cto().OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype=c.dtype, granularity="per_tensor")) for m, c in steps]
+        return Compression([(m, cto.OptimizationConfig(global_config=c)) for m, c in steps], spec=text)
+    if isinstance(value, cto.OptimizationConfig):
+        return Compression([(config_mode(value), value)])
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, cto.OptimizationConfig) for v in value):
+        return Compression([(config_mode(v), v) for v in value])
+    raise CompressionError(f"compression must be a spec string ({SPEC_HELP}), a coremltools OptimizationConfig "
+                           f"or a list of them (joint compression), got {value!r}")
+
+
+# ----------------------------------------------------------------------------- applying
+
+_SINCE = re.compile(r"(?:supported since|at least (?:ct\.target\.)?)\s*(iOS\d+)", re.I)
+
+
+def apply(mlmodel, compression: Compression, target: str):
+    """``mlmodel`` compressed with coremltools' own functions (a new model; the input is kept).
+
+    Raises :class:`CompressionError` naming the minimum deployment target when coremltools
+    rejects a step for ``target``, or when coremltools would raise the model's spec version
+    (it compresses below iOS16 by upgrading the model to iOS16).
+    """
+    import coremltools as ct
+
+    cto = _cto()
+    before = mlmodel.get_spec().specificationVersion
+    out = mlmodel
+    for i, (mode, config) in enumerate(compression.steps):
+        fn = getattr(cto, MODES[mode])
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*scikit-learn.*")
+                out = fn(out, config, joint_compression=i > 0)
+        except (ValueError, NotImplementedError) as exc:
+            m = _SINCE.search(str(exc))
+            if m:
+                raise CompressionError(
+                    f"compression {compression.describe()!r} needs minimum deployment target {m.group(1)} or later "
+                    f"(coremltools: {exc}); got target {target!r}: use ConversionOptions(target="
+                    f"{m.group(1)!r}, ...)") from exc
+            raise CompressionError(f"coremltools rejected compression {compression.describe()!r} at target "
+                                   f"{target!r}: {exc}") from exc
+    after = out.get_spec().specificationVersion
+    if after > before:
+        need = _target_of_spec(after)
+        raise CompressionError(
+            f"compression {compression.describe()!r} needs minimum deployment target {need} or later "
+            f"(coremltools' compressed weights need spec version {after}; {target!r} is spec {before}): "
+            f"use ConversionOptions(target={need!r}, ...)")
+    del ct
+    return out
+
+
+def _target_of_spec(spec_version: int) -> str:
+    import coremltools as ct
+
+    for name, member in ct.target.__members__.items():
+        if member.value == spec_version and name.startswith("iOS"):
+            return name
+    return f"spec {spec_version}"
+
+
+@functools.lru_cache(maxsize=64)
+def check_target(compression: Compression, target: str) -> None:
+    """Raise :class:`CompressionError` if coremltools rejects ``compression`` at ``target``.
+
+    Applies it to a tiny probe program converted at that target (a 64x64 linear weight, above
+    coremltools' default weight threshold): coremltools' own rule decides, nothing is guessed.
+    Only spec-built compressions are probed (a user's config may name ops the probe lacks).
+    """
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    if compression.spec is None:
+        return
+    opset = getattr(ct.target, target)
+    w = np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 64))], opset_version=max(opset, ct.target.iOS15))
+    def probe(x):
+        return mb.linear(x=x, weight=w)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml = ct.convert(probe, convert_to="mlprogram", minimum_deployment_target=opset,
+                        compute_precision=ct.precision.FLOAT32)
+        apply(ml, compression, target)
+
+
+# ----------------------------------------------------------------------------- describing
+
+def _dtype_name(var) -> str:
+    from coremltools.converters.mil.mil import types
+
+    dt = var.dtype
+    return types.builtin_to_string(dt) if dt is not None else "?"
+
+
+def _bits(var) -> int:
+    m = re.search(r"(\d+)$", _dtype_name(var))
+    return int(m.group(1)) if m else 0
+
+
+def _granularity(data_shape, scale_shape) -> tuple[str, str]:
+    data_shape = tuple(int(d) for d in data_shape)
+    scale_shape = tuple(int(d) for d in scale_shape) if scale_shape else ()
+    if not scale_shape or int(np.prod(scale_shape)) == 1:
+        return "per_tensor", ""
+    scale_shape = (1,) * (len(data_shape) - len(scale_shape)) + scale_shape
+    blocks = [d // s for d, s in zip(data_shape, scale_shape)]
+    if sum(b != 1 for b in blocks) <= len(blocks) - 1 and all(b in (1, d) for b, d in zip(blocks, data_shape)):
+        return "per_channel", ""
+    return "per_block", "x".join(str(b) for b in blocks)
+
+
+def _chain(op):
+    """The constexpr ops producing ``op``'s value, ``op`` first."""
+    out, todo = [], [op]
+    while todo:
+        cur = todo.pop()
+        if any(cur is o for o in out):
+            continue
+        out.append(cur)
+        for v in cur.inputs.values():
+            for var in (v if isinstance(v, (list, tuple)) else [v]):
+                parent = getattr(var, "op", None)
+                if parent is not None and parent.op_type.startswith("constexpr_"):
+                    todo.append(parent)
+    return out
+
+
+def _describe_chain(chain) -> dict:
+    types_ = [o.op_type for o in chain]
+    info = {"constexpr_ops": "+".join(types_), "mode": "", "nbits": 0, "granularity": "", "block": "",
+            "sparsity": math.nan}
+    modes = []
+    for op in chain:
+        t = op.op_type
+        if t == "constexpr_lut_to_dense" or t == "constexpr_lut_to_sparse":
+            modes.append("palettize")
+            lut = op.lut
+            idx = op.inputs.get("indices") if "indices" in op.inputs else op.inputs.get("indices_nonzero_data")
+            entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]
+            info["nbits"] = int(math.log2(entries)) if entries else 0
+            if lut.rank == 1 or all(int(d) == 1 for d in lut.shape[:-2]):
+                info["granularity"] = "per_tensor"
+            else:
+                info["granularity"] = "per_grouped_channel"
+                if idx is not None:
+                    info["block"] = "x".join(str(int(d) // int(g)) for d, g in zip(idx.shape, lut.shape[:-2]))
+            if lut.rank > 1 and int(lut.shape[-1]) > 1:
+                info["granularity"] += f" (vector {int(lut.shape[-1])})"
+        elif t == "constexpr_affine_dequantize":
+            modes.append("quantize")
+            info["nbits"] = _bits(op.quantized_data)
+            info["granularity"] = "per_tensor" if op.scale.rank == 0 or int(np.prod(op.scale.shape)) == 1 \
+                else "per_channel"
+        elif t in ("constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale"):
+            data = op.data if t == "constexpr_blockwise_shift_scale" else op.nonzero_data
+            parent = getattr(data, "op", None)
+            if parent is not None and parent.op_type.startswith("constexpr_lut"):
+                info["granularity"] += " + per-channel scale"
+                continue
+            modes.append("quantize")
+            info["nbits"] = _bits(data)
+            shape = op.data.shape if t == "constexpr_blockwise_shift_scale" else op.data_mask.shape
+            info["granularity"], info["block"] = _granularity(shape, op.scale.shape)
+        elif t == "constexpr_sparse_to_dense":
+            modes.append("prune")
+            mask = op.mask.val
+            parent = getattr(op.mask, "op", None)
+            if mask is None and parent is not None:  # joint: the mask comes from lut_to_sparse / sparse quantization
+                held = parent.inputs.get("indices_mask", parent.inputs.get("data_mask"))
+                mask = None if held is None else held.val
+            if mask is not None:
+                mask = np.asarray(mask)
+                if "shape" in op.inputs:  # iOS16: bit-packed mask
+                    n = int(np.prod(op.shape.val))
+                    nnz = int(np.unpackbits(mask.astype(np.uint8)).sum())
+                else:
+                    n, nnz = mask.size, int(np.count_nonzero(mask))
+                info["sparsity"] = 1 - nnz / n if n else math.nan
+    order = {"prune": 0, "palettize": 1, "quantize": 2}
+    info["mode"] = "+".join(sorted(dict.fromkeys(modes), key=order.get))
+    return info
+
+
+def compressed_weights(program) -> list[dict]:
+    """One entry per compressed weight of a MIL program: the decompression chain's last op and its consumers.
+
+    Keys: ``weight`` (the decompressed var's name), ``op``/``op_type`` (the first non-constexpr
+    op consuming it - the name ``op_name_configs`` takes), ``input`` (which input of it),
+    ``shape``, plus mode / nbits / granularity / block / sparsity / constexpr_ops.
+    """
+    out = []
+    for func in program.functions.values():
+        for op in func.operations:
+            if not op.op_type.startswith("constexpr_") or op.op_type == "constexpr_cast":
+                continue
+            for var in op.outputs:
+                consumers = [c for c in var.child_ops if not c.op_type.startswith("constexpr_")]
+                if not consumers:
+                    continue
+                if op.op_type == "constexpr_lut_to_sparse" or op.op_type == "constexpr_sparse_blockwise_shift_scale":
+                    continue  # feeds constexpr_sparse_to_dense, described there
+                user = consumers[0]
+                arg = next((k for k, v in user.inputs.items() if v is var), "")
+                out.append({"weight": var.name, "op": user.name, "op_type": user.op_type, "input": arg,
+                            "shape": tuple(int(d) for d in var.shape), "_op": op, "_var": var, "_user": user,
+                            **_describe_chain(_chain(op))})
+    return out
+
+
+def _original_weights(program) -> dict:
+    """(consumer op name, input name) -> the const value, for an uncompressed program."""
+    out = {}
+    for func in program.functions.values():
+        for op in func.operations:
+            if op.op_type in ("const",) or op.op_type.startswith("constexpr_"):
+                continue
+            for arg, v in op.inputs.items():
+                if isinstance(v, (list, tuple)):
+                    continue
+                parent = getattr(v, "op", None)
+                if parent is not None and parent.op_type == "const" and isinstance(v.val, np.ndarray):
+                    out[(op.name, arg)] = v.val
+    return out
+
+
+def decompressed_values(program) -> dict:
+    """Var name -> the weight coremltools' own decompression materialises.
+
+    Runs coremltools' ``WeightDecompressor`` pass (what ``decompress_weights`` runs: each
+    constexpr op's ``materialized_val_inference``, in program order, so chains of joint
+    compression resolve) on a copy of ``program``; the program itself is not modified.
+    """
+    import copy
+
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    prog = copy.deepcopy(program)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        WeightDecompressor(op_selector=lambda op: True).apply(prog)
+    out = {}
+    for func in prog.functions.values():
+        for op in func.operations:
+            if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+                out[op.outputs[0].name] = op.outputs[0].val
+    return out
+
+
+def weight_error(original: np.ndarray, decompressed: np.ndarray) -> tuple[float, float]:
+    """(weight SNR in dB, max abs weight error); SNR is inf for an exact weight."""
+    w = np.asarray(original, np.float64)
+    d = np.asarray(decompressed, np.float64).reshape(w.shape)
+    noise = float(((w - d) ** 2).sum())
+    signal = float((w ** 2).sum())
+    snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
+    return snr, float(np.abs(w - d).max()) if w.size else 0.0
+
+
+def describe(compressed, original=None, layer_map=None):
+    """A DataFrame: one row per compressed const of ``compressed`` (an MLModel, MIL program or Conversion).
+
+    Columns: op (consumer op name, the name ``op_name_configs`` takes), op_type, input, module
+    (torch module path where known), weight, shape, mode, nbits, granularity, block, sparsity,
+    constexpr_ops, weight_snr_db, max_abs_weight_error. The weight error columns need
+    ``original`` (the uncompressed model/program/Conversion of the same model; NaN without it).
+    """
+    import pandas as pd
+
+    from .emulator.program import mil_program
+
+    def program_of(x):
+        if x is None:
+            return None
+        if hasattr(x, "program") and hasattr(x, "mlmodel"):
+            return x.program
+        if hasattr(x, "functions"):
+            return x
+        return mil_program(x)
+
+    if layer_map is None and hasattr(compressed, "layer_map") and getattr(compressed, "source", None) is not None:
+        try:
+            layer_map = compressed.layer_map()
+        except (ValueError, KeyError, AttributeError):
+            layer_map = None
+    prog = program_of(compressed)
+    orig = _original_weights(program_of(original)) if original is not None else {}
+    rows = []
+    entries = compressed_weights(prog)
+    decompressed = decompressed_values(prog) if orig and entries else {}
+    for e in entries:
+        snr = err = math.nan
+        w = orig.get((e["op"], e["input"]))
+        if w is not None and e["weight"] in decompressed:
+            snr, err = weight_error(w, decompressed[e["weight"]])
+        rows.append({"op": e["op"], "op_type": e["op_type"], "input": e["input"],
+                     "module": _module_of(layer_map, e["_user"]), "weight": e["weight"], "shape": e["shape"],
+                     "mode": e["mode"], "nbits": e["nbits"], "granularity": e["granularity"], "block": e["block"],
+                     "sparsity": e["sparsity"], "constexpr_ops": e["constexpr_ops"], "weight_snr_db": snr,
+                     "max_abs_weight_error": err})
+    cols = ["op", "op_type", "input", "module", "weight", "shape", "mode", "nbits", "granularity", "block",
+            "sparsity", "constexpr_ops", "weight_snr_db", "max_abs_weight_error"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _module_of(layer_map, op) -> str:
+    if layer_map is None:
+        return ""
+    return layer_map.op_module(op) or ""
+
+
+__all__ = ["Compression", "CompressionError", "as_compression", "apply", "check_target", "describe",
+           "compressed_weights", "weight_error", "SPEC_FORMS", "config_dict"]
