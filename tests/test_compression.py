@@ -160,3 +160,21 @@ def test_every_mode_sensitivity_and_fix(sample, spec, target):
 def test_fix_needs_compression():
     with pytest.raises(ValueError, match="compression"):
         cl.find_uncompressed_ops(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),), cl.ConversionOptions())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_compression_diagnose_fix_and_bad_target(capsys):
+    from coreml_lab import cli
+
+    model_spec = "sample_models.compression_outlier:build"
+    code = cli.main(["diagnose", model_spec, "--compression", "int8-per-channel", "--quiet",
+                     "--compute-units", "CPU_ONLY", "--tolerance", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "OK: worst output error" in out
+    code = cli.main(["fix", model_spec, "--compression", "int8-per-channel", "--tolerance", "0.02", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "blocks.2" in out and "cto.linear_quantize_weights" in out
+    assert cli.main(["diagnose", model_spec, "--compression", "int4-per-block32", "--target", "iOS17"]) == 2
+    err = capsys.readouterr().err
+    assert "minimum deployment target iOS18" in err and "Traceback" not in err
