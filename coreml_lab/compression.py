@@ -173,13 +173,16 @@ class Compression:
     def describe(self) -> str:
         return self.spec or "+".join(f"{mode}(config)" for mode, _ in self.steps)
 
-    def without(self, op_names) -> Compression:
-        """The same steps with ``op_name_configs[name] = None`` for every name (left uncompressed)."""
+    def without(self, op_names, more_bits=()) -> Compression:
+        """The same steps with ``op_name_configs[name] = None`` for every name (left uncompressed),
+        and each op in ``more_bits`` compressed at 8 bits (:func:`more_bits_config`)."""
         cto = _cto()
         steps = []
         for mode, c in self.steps:
             names = dict(c.op_name_configs)
             names.update({n: None for n in op_names})
+            for n in more_bits:
+                names[n] = more_bits_config(names.get(n, c.global_config))
             steps.append((mode, cto.OptimizationConfig(global_config=c.global_config,
                                                        op_type_configs=dict(c.op_type_configs),
                                                        op_name_configs=names)))
@@ -198,6 +201,20 @@ class Compression:
                 chosen = c.global_config
             steps.append((mode, cto.OptimizationConfig(global_config=None, op_name_configs={op_name: chosen})))
         return Compression(steps)
+
+
+def more_bits_config(op_config):
+    """``op_config`` at 8 bits (palettization to 8 bits, 4-bit linear quantization to 8), or None
+    when it has no more bits to give (already 8 bits, pruning, custom LUTs)."""
+    import attrs
+    from coremltools.converters.mil.mil import types
+
+    cto = _cto()
+    if isinstance(op_config, cto.OpPalettizerConfig) and op_config.nbits and op_config.nbits < 8:
+        return attrs.evolve(op_config, nbits=8)
+    if isinstance(op_config, cto.OpLinearQuantizerConfig) and op_config.dtype in (types.int4, types.uint4):
+        return attrs.evolve(op_config, dtype="int8" if op_config.dtype == types.int4 else "uint8")
+    return None
 
 
 def as_compression(value) -> Compression | None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .compression import Compression, describe, op_config_fields
+from .compression import Compression, describe, more_bits_config, op_config_fields
 from .convert import Conversion, convert, prepare
 from .emulator.program import mil_program
 from .fixes import measure
@@ -32,6 +32,7 @@ class CompressionFix:
 
     ops: names of the ops whose weights stay uncompressed (the consumer op names that
         ``OptimizationConfig.op_name_configs`` takes).
+    more_bits: ops kept compressed, at 8 bits instead (where that is within tolerance too).
     config: the verified coremltools ``OptimizationConfig`` (a tuple of them for joint forms).
     conversion: the verified compressed Conversion (None when nothing was verified).
     error_before / error_after: worst output relative error (max |err| / max |ref|) against the
@@ -43,6 +44,7 @@ class CompressionFix:
     """
 
     ops: tuple
+    more_bits: tuple
     compression: Compression | None
     conversion: Conversion | None
     error_before: float
@@ -78,7 +80,8 @@ class CompressionFix:
             lines.append("    # precision='mixed': pass the FP16ComputePrecision op_selector of your fix here")
         lines.append(")")
         if self.compression is not None:
-            lines.append(f"# weights left uncompressed (coreml_lab.find_uncompressed_ops): {list(self.ops)}")
+            lines.append(f"# weights left uncompressed (coreml_lab.find_uncompressed_ops): {list(self.ops)}"
+                         + (f", at 8 bits: {list(self.more_bits)}" if self.more_bits else ""))
             for i, (mode, config) in enumerate(self.compression.steps):
                 fn = {"prune": "prune_weights", "palettize": "palettize_weights",
                       "quantize": "linear_quantize_weights"}[mode]
@@ -96,14 +99,14 @@ class CompressionFix:
         else:
             fig = ax.figure
         labels = [f"{r.module or r.op} ({r.mode} {r.nbits or ''})".replace(" )", ")") for r in df.itertuples()]
-        kept = set(self.ops)
-        colors = ["tab:red" if op in kept else "tab:blue" for op in df.op]
+        kept, more = set(self.ops), set(self.more_bits)
+        colors = ["tab:red" if op in kept else "tab:orange" if op in more else "tab:blue" for op in df.op]
         ax.barh(range(len(df)), df.error_alone, color=colors)
         ax.set_yticks(range(len(df)), labels)
         ax.invert_yaxis()
         ax.axvline(self.tolerance, color="k", ls="--", lw=1, label=f"tolerance {self.tolerance:g}")
         ax.set_xlabel("output relative error vs torch FP32, only this op compressed")
-        ax.set_title(f"Compression sensitivity (red: left uncompressed); error {self.error_before:.3g} -> "
+        ax.set_title(f"Compression sensitivity (red: uncompressed, orange: 8 bits); error {self.error_before:.3g} -> "
                      f"{self.error_after:.3g}")
         ax.legend(loc="lower right")
         fig.tight_layout()
@@ -181,6 +184,15 @@ class _Trials:
         return err
 
 
+def _config_for(comp: Compression, op: str, table):
+    """The op config the (single-step) compression gives ``op``."""
+    config = comp.steps[0][1]
+    if op in config.op_name_configs:
+        return config.op_name_configs[op]
+    op_type = table.op_type[table.op == op].iloc[0]
+    return config.op_type_configs.get(op_type, config.global_config)
+
+
 def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions | dict | None = None, *,
                           tolerance: float = 2e-2, time_budget: float = 300.0,
                           compute_units: Sequence[str] | None = None, inputs=None,
@@ -249,9 +261,21 @@ def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions
                     e = trials.error(comp.without(rest), f"without {len(rest)}")
                     if e <= tolerance:
                         chosen, err = rest, e
-        fixed = comp.without(chosen) if chosen else comp
-        conv = compressed if not chosen else convert(None, options=opts.replace(compression=fixed), prepared=prep)
-        after = before if not chosen else measure(conv, feeds, want, compute_units)  # verified by conversion
+        more: list[str] = []
+        if err <= tolerance and not comp.joint:  # an op at 8 bits instead of uncompressed, where enough
+            for op in list(chosen):
+                if trials.out_of_time():
+                    break
+                if more_bits_config(_config_for(comp, op, table)) is None:
+                    continue
+                rest = [o for o in chosen if o != op]
+                e = trials.error(comp.without(rest, more + [op]), f"{op} at 8 bits")
+                if e <= tolerance:
+                    chosen, more, err = rest, more + [op], e
+        fixed = comp.without(chosen, more) if (chosen or more) else comp
+        changed = bool(chosen or more)
+        conv = convert(None, options=opts.replace(compression=fixed), prepared=prep) if changed else compressed
+        after = measure(conv, feeds, want, compute_units) if changed else before  # verified by conversion
         found = after <= tolerance
         if before <= tolerance:
             message = (f"the compressed conversion is already within tolerance ({before:.3g} <= {tolerance:g}): "
@@ -261,15 +285,16 @@ def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions
                        "fix can reach tolerance (see find_fp32_ops for precision)")
             conv, fixed, after = None, None, math.inf
         elif found:
-            message = (f"leaving {len(chosen)} of {len(table)} compressed ops uncompressed ({', '.join(chosen)}) "
-                       f"brings the worst output error from {before:.3g} to {after:.3g} (tolerance {tolerance:g}, "
+            upgraded = f" and {len(more)} at 8 bits ({', '.join(more)})" if more else ""
+            message = (f"leaving {len(chosen)} of {len(table)} compressed ops uncompressed ({', '.join(chosen)})"
+                       f"{upgraded} brings the worst output error from {before:.3g} to {after:.3g} (tolerance {tolerance:g}, "
                        f"uncompressed {floor:.3g}), verified by conversion")
         elif trials.out_of_time():
             message = (f"no fix within the {time_budget:g}s budget: leaving {len(chosen)} ops uncompressed gives "
                        f"error {after:.3g} > {tolerance:g}; raise time_budget")
         else:
             message = f"no set of uncompressed ops reaches tolerance {tolerance:g} (best {after:.3g})"
-        return CompressionFix(ops=tuple(chosen), compression=fixed, conversion=conv, error_before=before,
+        return CompressionFix(ops=tuple(chosen), more_bits=tuple(more), compression=fixed, conversion=conv, error_before=before,
                               error_after=after, error_uncompressed=floor, tolerance=tolerance, sensitivity=table,
                               found=found, message=message, options=opts.replace(compression=None),
                               trials=trials.trials, elapsed=time.perf_counter() - start,

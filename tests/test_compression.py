@@ -116,29 +116,49 @@ def test_sample_outlier_ranks_first_and_fix_is_verified(sample, spec, target, to
                                    tolerance=tolerance, progress=False)
     top = fix.sensitivity.iloc[0]
     assert top["rank"] == 1 and top.module == sample_models.compression_outlier.OUTLIER_LAYER
-    assert fix.found and 1 <= len(fix.ops) <= 2 and fix.ops[0] == top.op
+    touched = fix.ops + fix.more_bits  # uncompressed, or at 8 bits instead where that is enough
+    assert fix.found and 1 <= len(touched) <= 2 and top.op in touched
     assert fix.error_before > tolerance >= fix.error_after
     assert fix.conversion.options.compression == as_compression(fix.config)
-    # verified: the fix's conversion really measures as reported, with those ops uncompressed
-    left = set(describe(fix.conversion).op)
-    assert left.isdisjoint(fix.ops) and len(left) == 4 - len(fix.ops)
+    # verified: the fix's conversion has those ops uncompressed (or at 8 bits)
+    left = describe(fix.conversion)
+    assert set(left.op).isdisjoint(fix.ops) and len(left) == 4 - len(fix.ops)
+    assert set(left.nbits[left.op.isin(fix.more_bits)]) <= {8}
     fig = fix.plot_sensitivity()
     assert len(fig.axes[0].patches) == 4
+
+
+def test_fix_prefers_more_bits_where_enough(sample):
+    model, x, _ = sample
+    fix = cl.find_uncompressed_ops(model, x, cl.ConversionOptions(compression="int4-per-block32", target="iOS18"),
+                                   tolerance=0.05, progress=False)
+    outlier = fix.sensitivity.op[fix.sensitivity.module == "blocks.2"].iloc[0]
+    assert fix.found and fix.ops == (outlier,) and len(fix.more_bits) >= 1
+    left = describe(fix.conversion).set_index("op")
+    assert (left.loc[list(fix.more_bits), "nbits"] == 8).all() and set(left.nbits) <= {4, 8}
+    assert fix.error_after <= 0.05 < fix.error_before
+    theirs = describe(run_snippet(fix, model, x)).set_index("op")  # the snippet gives the same bits per op
+    assert theirs.nbits.to_dict() == left.nbits.to_dict()
+
+
+def run_snippet(fix, model, x):
+    scope = {"traced_model": torch.jit.trace(model, x),
+             "inputs": [ct.TensorType(name="x", shape=tuple(x[0].shape))]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(fix.snippet, scope)
+    return scope["mlmodel"]
 
 
 def test_snippet_reproduces_the_verified_config(sample):
     model, x, _ = sample
     fix = cl.find_uncompressed_ops(model, x, cl.ConversionOptions(compression="int8-per-channel", target="iOS17"),
                                    tolerance=0.02, progress=False)
-    scope = {"traced_model": torch.jit.trace(model, x),
-             "inputs": [ct.TensorType(name="x", shape=tuple(x[0].shape))]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(fix.snippet, scope)
+    scope = {"mlmodel": run_snippet(fix, model, x)}
     mine = next(iter(EmulatedModel(scope["mlmodel"], "CPU_ONLY").predict({"x": x[0].numpy()}).values()))
     kit = next(iter(EmulatedModel(fix.conversion.mlmodel, "CPU_ONLY").predict({"x": x[0].numpy()}).values()))
     # the same ops compressed the same way; outputs equal up to FP16 rounding of the two traces
-    theirs, ours = describe(scope["mlmodel"], fix.options and None), describe(fix.conversion)
+    theirs, ours = describe(scope["mlmodel"]), describe(fix.conversion)
     assert list(theirs.op) == list(ours.op) and set(theirs.op).isdisjoint(fix.ops)
     assert list(theirs["mode"]) == list(ours["mode"])
     np.testing.assert_allclose(mine.astype(np.float32), kit.astype(np.float32), rtol=0, atol=4e-3)
