@@ -40,7 +40,8 @@ class CompressionFix:
         the conversion without compression (the floor no compression fix can go below).
     sensitivity: one row per compressed op: op, op_type, module, mode, nbits, granularity,
         weight_snr_db, max_abs_weight_error, error_alone (output error with only that op
-        compressed), rank (1 = most sensitive).
+        compressed; NaN when the time budget ran out before it was measured), rank (1 = most
+        sensitive).
     """
 
     ops: tuple
@@ -239,10 +240,11 @@ def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions
         bar.update(2)
         # sensitivity: each op compressed alone
         alone = []
-        for row in table.itertuples():
-            alone.append(trials.error(comp.only(row.op, row.op_type), f"only {row.op}"))
+        for row in table.itertuples():  # NaN: not measured, the budget is spent
+            alone.append(math.nan if trials.out_of_time() else
+                         trials.error(comp.only(row.op, row.op_type), f"only {row.op}"))
         table = table.assign(error_alone=alone)
-        table = table.assign(rank=table.error_alone.rank(ascending=False, method="first").astype(int))
+        table = table.assign(rank=table.error_alone.fillna(-1).rank(ascending=False, method="first").astype(int))
         table = table.sort_values("rank").reset_index(drop=True)
         ranked = list(table.op)
         chosen: list[str] = []

@@ -198,3 +198,11 @@ def test_cli_compression_diagnose_fix_and_bad_target(capsys):
     assert cli.main(["diagnose", model_spec, "--compression", "int4-per-block32", "--target", "iOS17"]) == 2
     err = capsys.readouterr().err
     assert "minimum deployment target iOS18" in err and "Traceback" not in err
+
+
+def test_spent_budget_says_so_and_measures_nothing_it_did_not(sample):
+    model, x, _ = sample
+    fix = cl.find_uncompressed_ops(model, x, cl.ConversionOptions(compression="int8-per-tensor", target="iOS16"),
+                                   tolerance=0.02, time_budget=0, progress=False)
+    assert not fix.found and "budget" in fix.message and fix.ops == ()
+    assert fix.sensitivity.error_alone.isna().all() and fix.error_before > 0.02
