@@ -13,6 +13,7 @@ taken from coremltools' own ``materialized_val_inference`` of the constexpr ops.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -150,6 +151,9 @@ class Compression:
     def __setattr__(self, name, value):
         raise AttributeError("Compression is frozen")
 
+    def __reduce__(self):  # pickle / deepcopy rebuild it (it is frozen)
+        return (Compression, (self.steps, self.spec))
+
     @property
     def joint(self) -> bool:
         return len(self.steps) > 1
@@ -238,10 +242,11 @@ def as_compression(value) -> Compression | None:
             steps = [(m, c if m != "quantize" else _cto().OpLinearQuantizerConfig(
                 mode="linear_symmetric", dtype=c.dtype, granularity="per_tensor")) for m, c in steps]
         return Compression([(m, cto.OptimizationConfig(global_config=c)) for m, c in steps], spec=text)
+    # a copy: the user's config is neither modified nor able to change the options (and cache key) later
     if isinstance(value, cto.OptimizationConfig):
-        return Compression([(config_mode(value), value)])
+        return Compression([(config_mode(value), copy.deepcopy(value))])
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, cto.OptimizationConfig) for v in value):
-        return Compression([(config_mode(v), v) for v in value])
+        return Compression([(config_mode(v), copy.deepcopy(v)) for v in value])
     raise CompressionError(f"compression must be a spec string ({SPEC_HELP}), a coremltools OptimizationConfig "
                            f"or a list of them (joint compression), got {value!r}")
 
@@ -472,8 +477,6 @@ def decompressed_values(program) -> dict:
     constexpr op's ``materialized_val_inference``, in program order, so chains of joint
     compression resolve) on a copy of ``program``; the program itself is not modified.
     """
-    import copy
-
     from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
 
     prog = copy.deepcopy(program)

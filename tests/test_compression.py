@@ -37,6 +37,15 @@ def test_spec_and_config_are_frozen_hashable_and_keyed():
     with pytest.raises(AttributeError):
         a.compression.spec = "x"
     assert cl.ConversionOptions(**a.to_dict()) == a  # the spec round-trips (report bundles)
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
+    user = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig())
+    c = cl.ConversionOptions(compression=user, target="iOS18")
+    key = c.key()
+    user.set_global(cto.OpLinearQuantizerConfig(dtype="int4"))  # the user's later edit does not leak in
+    assert c.key() == key and c.compression.configs[0] is not user
     joint = cl.ConversionOptions(compression="prune50+palettize4", target="iOS18").compression
     assert [m for m, _ in joint.steps] == ["prune", "palettize"]
 
