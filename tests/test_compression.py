@@ -118,7 +118,8 @@ def test_outside_package_loads_and_is_described(sample, tmp_path):
 
 # ----------------------------------------------------------------------------- sensitivity and fix
 
-@pytest.mark.parametrize("spec,target,tolerance", [("int8-per-channel", "iOS17", 0.02), ("palettize4", "iOS18", 0.4)])
+@pytest.mark.parametrize("spec,target,tolerance", [("int8-per-channel", "iOS17", 0.02), ("int8-per-tensor", "iOS16", 0.05),
+                                                  ("palettize4", "iOS18", 0.4)])
 def test_sample_outlier_ranks_first_and_fix_is_verified(sample, spec, target, tolerance):
     model, x, _ = sample
     fix = cl.find_uncompressed_ops(model, x, cl.ConversionOptions(compression=spec, target=target),
