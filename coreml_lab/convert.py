@@ -365,6 +365,12 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
             raise ConversionError(str(exc), env_messages + notes + prep_messages + list(captured) + [failure],
                                   options, method) from exc
         wall = time.perf_counter() - start
+    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
+        from .compression import apply as compress
+        from .mapping import chains_from_scopes
+        if not chains and source.module is not None:  # scopes are read before compression drops them
+            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
+        mlmodel = compress(mlmodel, options.compression, options.target)
     program = mil_program(mlmodel)
     if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
         from .mapping import chains_from_scopes
