@@ -241,7 +241,7 @@ class Step:
     """One compiled op."""
 
     __slots__ = ("op", "kernel", "inputs", "outputs", "device", "precision", "hazards", "module",
-                 "blocks", "frees", "call", "interpreter")
+                 "blocks", "frees", "call", "interpreter", "coerce", "nan_out")
 
     def sources(self):
         """Every input source in input order, tuple members included: a var name or a ``_Const``."""
@@ -250,6 +250,8 @@ class Step:
 
     def run(self, env) -> list:
         call = self.call
+        if self.coerce:
+            env = _nan_to_inf(env, self.coerce)
         call.env = env
         try:
             result = self.kernel.fn(call)
@@ -276,8 +278,31 @@ class Step:
                 value = dtypes.to_torch(value)
             if isinstance(value, torch.Tensor) and storage is not None and value.dtype != storage:
                 value = value.to(storage)
+            if self.nan_out and isinstance(value, torch.Tensor) and value.is_floating_point():
+                value = _indeterminate_to_zero(value)
             out.append(value)
         return out
+
+
+# -- Neural Engine op boundary (profiles.NE_RULES): NaN enters as +inf, never leaves
+
+
+def _nan_to_inf(env, names):
+    """``env`` with NaN replaced by +inf in the values ``names`` (a view; the values stay untouched)."""
+    over = None
+    for name in names:
+        v = env[name]
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any()):
+            over = over if over is not None else {}
+            over[name] = torch.where(torch.isnan(v), torch.tensor(torch.inf, dtype=v.dtype), v)
+    return env if over is None else ChainMap(over, env)
+
+
+def _indeterminate_to_zero(value: torch.Tensor) -> torch.Tensor:
+    """An indeterminate result (NaN) as the Neural Engine returns it: +0."""
+    if bool(torch.isnan(value).any()):
+        return torch.where(torch.isnan(value), torch.zeros((), dtype=value.dtype), value)
+    return value
 
 
 class BlockPlan:
@@ -306,6 +331,7 @@ class BlockPlan:
 
     def _compile(self) -> None:
         interp = self.interpreter
+        boundary_outputs: set[str] = set()  # values produced behind the NE's input boundary (no NaN)
         for op in self.block.operations:
             if op.op_type == "const":
                 val = op.outputs[0].val
@@ -335,6 +361,15 @@ class BlockPlan:
                 declared = dtypes.var_dtype(v)
                 step.outputs.append((v.name, declared, _storage_dtype(declared, step.precision)))
             step.blocks = [BlockPlan(b, interp) for b in op.blocks]
+            rules = _device_rules(interp.profile, step.device) if is_fp16 else frozenset()
+            step.coerce = ()
+            step.nan_out = False
+            if "nan_to_inf_at_input" in rules:
+                step.coerce = tuple(dict.fromkeys(
+                    s for s in step.sources() if isinstance(s, str) and s not in boundary_outputs))
+                boundary_outputs.update(v.name for v in op.outputs)
+            if "indeterminate_to_zero" in rules and not kernel.exact and not op.blocks:
+                step.nan_out = True
             step.interpreter = interp
             step.call = OpCall(step)
             step.frees = ()
@@ -425,11 +460,23 @@ def _is_fp16_op(op) -> bool:
     return False
 
 
+#: the device rules a shape/index kernel follows (the M1 width-slice gain)
+_EXACT_RULES = {"slice_by_index": frozenset({"width_slice_gain_16"}),
+                "slice_by_size": frozenset({"width_slice_gain_16"})}
+
+
 def _placement_exact(profile: DeviceProfile, op, kernel, is_fp16: bool):
-    """Shape/index ops: placed like any op (for the record) but never change values."""
-    device, precision, _ = profile.place(op.op_type, kernel.family, is_fp16)
+    """Shape/index ops: placed like any op (for the record) but never change values (except
+    where a device rule says so, _EXACT_RULES)."""
+    device, precision, hazards = profile.place(op.op_type, kernel.family, is_fp16)
     storage = precision.storage if is_fp16 else "fp32"
-    return device, Precision(storage, storage, storage) if storage == "fp16" else FP32_EXACT, frozenset()
+    rules = hazards & _EXACT_RULES.get(op.op_type, frozenset())
+    return device, Precision(storage, storage, storage) if storage == "fp16" else FP32_EXACT, rules
+
+
+def _device_rules(profile: DeviceProfile, device: str) -> frozenset:
+    """The rules (hazards and NE_RULES) of the device an op was placed on."""
+    return profile.device(device).hazards
 
 
 def _storage_dtype(declared: str, precision: Precision) -> torch.dtype | None:

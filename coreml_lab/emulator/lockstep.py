@@ -40,7 +40,8 @@ def numeric_signature(step: Step, env) -> tuple | None:
     compute = p.compute if "compute" in uses and not (k.compute_free_on_fp16 and _float_inputs_fp16(step, env)) \
         else None
     return (id(step.op), tuple(s for _, _, s in step.outputs), compute,
-            p.accumulate if "accumulate" in uses else None, step.hazards if "hazards" in uses else None)
+            p.accumulate if "accumulate" in uses else None, step.hazards if "hazards" in uses else None,
+            bool(getattr(step, "coerce", ())), getattr(step, "nan_out", False))  # the Neural Engine's NaN boundary (interpreter)
 
 
 def _float_inputs_fp16(step: Step, env) -> bool:
@@ -81,6 +82,7 @@ def same_computation(step: Step, other: Step, paired: dict) -> bool:
     if (step.op.op_type != other.op.op_type or step.kernel is not other.kernel or step.blocks or other.blocks
             or step.kernel.family == "constexpr" or step.op.op_type == "cast"
             or step.precision != other.precision or step.hazards != other.hazards
+            or bool(step.coerce) != bool(other.coerce) or step.nan_out != other.nan_out
             or [s for _, _, s in step.outputs] != [s for _, _, s in other.outputs]
             or set(step.inputs) != set(other.inputs)):
         return False
