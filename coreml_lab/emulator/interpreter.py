@@ -292,15 +292,22 @@ def _nan_to_inf(env, names):
     over = None
     for name in names:
         v = env[name]
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and _has_nan(v):
             over = over if over is not None else {}
             over[name] = torch.where(torch.isnan(v), torch.tensor(torch.inf, dtype=v.dtype), v)
     return env if over is None else ChainMap(over, env)
 
 
+def _has_nan(value: torch.Tensor) -> bool:
+    """Whether ``value`` holds a NaN; one FP32 sum (no temporary) settles the common all-finite case."""
+    if value.numel() == 0 or bool(torch.isfinite(value.sum(dtype=torch.float32))):
+        return False
+    return bool(torch.isnan(value).any())
+
+
 def _indeterminate_to_zero(value: torch.Tensor) -> torch.Tensor:
     """An indeterminate result (NaN) as the Neural Engine returns it: +0."""
-    if bool(torch.isnan(value).any()):
+    if _has_nan(value):
         return torch.where(torch.isnan(value), torch.zeros((), dtype=value.dtype), value)
     return value
 

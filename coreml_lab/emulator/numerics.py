@@ -182,9 +182,11 @@ def mac_port(y: torch.Tensor, bias: torch.Tensor | None = None, bias_shape=None,
     y = y.to(FP16)
     if flush_denormals:
         y = torch.where(y.abs() < FP16_MIN_NORMAL, torch.zeros((), dtype=FP16), y)
-    if ceiling:
-        # exact in FP16 below the ceiling: doubling overflows to inf exactly when |y| >= 2^15
-        y = (y * 2.0) * 0.5
+    if ceiling and y.numel():
+        lo, hi = torch.aminmax(y)
+        if not (hi < 32768.0 and lo > -32768.0):  # (NaN compares False: take the slow path)
+            # exact in FP16 below the ceiling: doubling overflows to inf exactly when |y| >= 2^15
+            y = (y * 2.0) * 0.5
     if bias is not None:
         y = y + bias.to(FP16).view(bias_shape if bias_shape is not None else bias.shape)
     return y

@@ -223,8 +223,9 @@ def softmax(call):
     axis %= x.ndim
     if x.dtype == torch.float32 and call.accumulate == torch.float32:
         return torch.softmax(x, dim=axis)  # the same max-shifted formula, fused, all in FP32
-    shifted = x - torch.amax(x, dim=axis, keepdim=True)
-    if call.hazard("indeterminate_to_zero"):
+    m = torch.amax(x, dim=axis, keepdim=True)
+    shifted = x - m
+    if call.hazard("indeterminate_to_zero") and bool(torch.isinf(m).any()):
         # Neural Engine: inf - inf (a lane holding +inf, e.g. a coerced NaN) is +0, so that lane
         # takes all the mass (ane-guide)
         shifted = torch.nan_to_num(shifted, nan=0.0, posinf=torch.inf, neginf=-torch.inf)
