@@ -241,7 +241,7 @@ class Step:
     """One compiled op."""
 
     __slots__ = ("op", "kernel", "inputs", "outputs", "device", "precision", "hazards", "module",
-                 "blocks", "frees", "call", "interpreter", "coerce", "nan_out")
+                 "blocks", "frees", "call", "interpreter", "coerce", "nan_out", "boundary_hit")
 
     def sources(self):
         """Every input source in input order, tuple members included: a var name or a ``_Const``."""
@@ -250,8 +250,11 @@ class Step:
 
     def run(self, env) -> list:
         call = self.call
+        self.boundary_hit = False  # whether the NE's NaN boundary changed a value in this run
         if self.coerce:
-            env = _nan_to_inf(env, self.coerce)
+            coerced = _nan_to_inf(env, self.coerce)
+            self.boundary_hit = coerced is not env
+            env = coerced
         call.env = env
         try:
             result = self.kernel.fn(call)
@@ -279,7 +282,9 @@ class Step:
             if isinstance(value, torch.Tensor) and storage is not None and value.dtype != storage:
                 value = value.to(storage)
             if self.nan_out and isinstance(value, torch.Tensor) and value.is_floating_point():
-                value = _indeterminate_to_zero(value)
+                zeroed = _indeterminate_to_zero(value)
+                self.boundary_hit = self.boundary_hit or zeroed is not value
+                value = zeroed
             out.append(value)
         return out
 

@@ -40,8 +40,7 @@ def numeric_signature(step: Step, env) -> tuple | None:
     compute = p.compute if "compute" in uses and not (k.compute_free_on_fp16 and _float_inputs_fp16(step, env)) \
         else None
     return (id(step.op), tuple(s for _, _, s in step.outputs), compute,
-            p.accumulate if "accumulate" in uses else None, step.hazards if "hazards" in uses else None,
-            bool(getattr(step, "coerce", ())), getattr(step, "nan_out", False))  # the Neural Engine's NaN boundary (interpreter)
+            p.accumulate if "accumulate" in uses else None, step.hazards if "hazards" in uses else None)
 
 
 def _float_inputs_fp16(step: Step, env) -> bool:
@@ -113,6 +112,28 @@ def _same_const(a: _Const, b: _Const, compute: torch.dtype) -> bool:
     return va.dtype == vb.dtype and bool(np.array_equal(va, vb))
 
 
+def _boundary(step: Step) -> bool:
+    """Whether a step applies the Neural Engine's NaN boundary (interpreter: NaN in -> +inf, NaN out -> +0)."""
+    return bool(getattr(step, "coerce", ())) or getattr(step, "nan_out", False)
+
+
+def _nan_free(values) -> bool:
+    return not any(isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any())
+                   for v in values)
+
+
+def _interchangeable(hit, step: Step, env, names) -> bool:
+    """Whether the result ``hit`` (out, the step that computed it, its env) of a step with an equal
+    signature and the same input tensors is also ``step``'s: always when both or neither apply the
+    NE's NaN boundary; otherwise only when the boundary changed nothing (no NaN in or out)."""
+    out, other, other_env = hit
+    if _boundary(other) == _boundary(step):
+        return True
+    if _boundary(other):
+        return not other.boundary_hit
+    return _nan_free(out) and _nan_free(other_env[n] for n in names)
+
+
 class SharedRun:
     """Runs interpreters of one MIL function (one per compute unit) step by step, sharing steps.
 
@@ -154,11 +175,12 @@ class SharedRun:
                 self.reused_steps += 1
             else:
                 key = share_key(step, env, names) if self.share else None
-                out = done.get(key) if key is not None else None
+                hit = done.get(key) if key is not None else None
+                out = hit[0] if hit is not None and _interchangeable(hit, step, env, names) else None
                 if out is None:
                     out = step.run(env)
-                    if key is not None:
-                        done[key] = out
+                    if key is not None and key not in done:
+                        done[key] = (out, step, env)
                 else:
                     self.shared_steps += 1
             for (name, _, _), value in zip(step.outputs, out):
