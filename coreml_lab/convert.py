@@ -10,6 +10,7 @@ model's code or weights misses the cache.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from . import messages as msgs
+from . import states as model_states
 from .emulator.program import mil_program
 from .messages import Message
 from .options import ConversionOptions, as_options
@@ -304,6 +306,8 @@ class Prepared:
     messages: list = field(default_factory=list, repr=False)
     _fresh: Any = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)
+    #: buffers the forward changes (KV caches ...): candidates for Core ML states (see :mod:`.states`)
+    updated_buffers: tuple = ()
 
     def digest(self) -> str:
         """Hash of the traced graph and its weights, computed once (conversions share it)."""
@@ -315,19 +319,25 @@ class Prepared:
         if self._fresh is not None:
             convertible, self._fresh = self._fresh, None
             return convertible
-        with msgs.capture():
+        with msgs.capture(), model_states.preserved_buffers(self.source.model):
             convertible, _, _, _ = _prepare(self.source, self.inputs)
         return convertible
 
 
 def prepare(model, example_inputs=None) -> Prepared:
-    """Load ``model`` and check ``example_inputs`` against it; trace/export once (see :class:`Prepared`)."""
-    source, inputs = load_source(model, example_inputs)
-    if source.kind == "mlpackage":
-        return Prepared(source, inputs)
-    with msgs.capture() as messages:
-        convertible, method, graph_text, tensors = _prepare(source, inputs)
-    return Prepared(source, inputs, method, graph_text, tensors, list(messages), convertible)
+    """Load ``model`` and check ``example_inputs`` against it; trace/export once (see :class:`Prepared`).
+
+    Forwards run here (checks, tracing, finding the buffers it updates) leave the model's buffers as they were.
+    """
+    with model_states.preserved_buffers(model):
+        source, inputs = load_source(model, example_inputs)
+        if source.kind == "mlpackage":
+            return Prepared(source, inputs)
+        updated = model_states.find_updated_buffers(source, inputs.tensors)
+        with msgs.capture() as messages, model_states.preserved_buffers(source.model):
+            convertible, method, graph_text, tensors = _prepare(source, inputs)
+    return Prepared(source, inputs, method, graph_text, tensors, list(messages), convertible,
+                    updated_buffers=updated)
 
 
 def convert(model, example_inputs=None, options: ConversionOptions | dict | None = None, *,
@@ -361,19 +371,22 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         if hit is not None:
             return dataclasses.replace(hit, prepared=prep)
 
-    convertible = prep.take_convertible()
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
+    ct_inputs, ct_states, state_messages = model_states.conversion_states(
+        source, prep.updated_buffers, options, ct_inputs)
+    convertible = prep.take_convertible()
     with msgs.capture() as captured:
         start = time.perf_counter()
         try:
             if layer_mapping:
-                mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, options)
+                mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, options, ct_states)
             else:
-                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs()), {}
+                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **_states_kwarg(ct_states),
+                                             **options.convert_kwargs()), {}
         except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
-            raise ConversionError(str(exc), env_messages + notes + prep_messages + list(captured) + [failure],
-                                  options, method) from exc
+            raise ConversionError(str(exc), env_messages + notes + prep_messages + state_messages + list(captured)
+                                  + [failure], options, method) from exc
         wall = time.perf_counter() - start
     program = mil_program(mlmodel)
     if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
@@ -385,7 +398,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         mlmodel=mlmodel, program=program, options=options,
         spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
         messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
-        + prep_messages + list(captured),
+        + prep_messages + state_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
         onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
     )
@@ -399,7 +412,12 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     return conv
 
 
-def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
+def _states_kwarg(ct_states: list) -> dict:
+    """``states=`` for ct.convert: fresh copies (coremltools renames the StateType objects it is given)."""
+    return {"states": copy.deepcopy(ct_states)} if ct_states else {}
+
+
+def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions, ct_states: list = ()):
     """ct.convert through coremltools' op-mapping helper, which also records the torch module of
     every MIL op. That helper is experimental: if it fails, convert plainly (layers are then
     named from scopes) and say so."""
@@ -408,11 +426,11 @@ def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
     from .mapping import chains_from_coremltools
 
     try:
-        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs,
+        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs, **_states_kwarg(ct_states),
                                                            **options.convert_kwargs())
         return mlmodel, chains_from_coremltools(mapping)
     except Exception as exc:  # noqa: BLE001 - the plain conversion decides whether the model converts
-        mlmodel = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs())
+        mlmodel = ct.convert(convertible, inputs=ct_inputs, **_states_kwarg(ct_states), **options.convert_kwargs())
         warnings.warn(f"coremltools' op mapping failed ({type(exc).__name__}: {str(exc)[:200]}); "
                       "layer names come from op scopes instead", stacklevel=2)
         return mlmodel, {}
