@@ -26,7 +26,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from .report import Report
+from .environment import environment
+from .messages import Explanation, Message
+from .metrics import compare
+from .options import ConversionOptions
 
 FORMAT = "coreml_lab-bundle"
 VERSION = 1
@@ -129,8 +132,8 @@ def _read_npz(data: bytes) -> dict:
 
 # ----------------------------------------------------------------------------- save
 
-def bundle_files(report: Report) -> dict[str, bytes]:
-    """The files of a bundle (name -> bytes), manifest last."""
+def bundle_files(report) -> dict[str, bytes]:
+    """The files of a bundle (name -> bytes) of a :class:`~.report.Report`, manifest last."""
     tables, layouts = {}, {}
     for name in TABLES:
         df = getattr(report, name, None)
@@ -163,8 +166,6 @@ def bundle_files(report: Report) -> dict[str, bytes]:
         "runs.npz": _npz_bytes(run_arrays),
         "summary.txt": report.summary().encode(),
     }
-    from .diagnosis import environment
-
     opts = report.options
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -182,8 +183,9 @@ def bundle_files(report: Report) -> dict[str, bytes]:
     return files
 
 
-def save_report(report: Report, path) -> Path:
-    """Write ``report`` as a bundle directory, or a zip when ``path`` ends with ``.zip``."""
+def save_report(report, path) -> Path:
+    """Write ``report`` (a :class:`~.report.Report`) as a bundle directory, or a zip when ``path``
+    ends with ``.zip``."""
     path = Path(path)
     files = bundle_files(report)
     if path.suffix == ".zip":
@@ -240,11 +242,9 @@ def _read_files(path: Path) -> dict[str, bytes]:
         raise BundleError(f"{str(path)!r} is not a readable bundle zip (truncated or damaged: {exc})") from exc
 
 
-def load_report(path) -> Report:
-    """Read a bundle written by :func:`save_report` back into a Report (tables, histograms, runs)."""
-    from .messages import Message
-    from .options import ConversionOptions
-
+def read_bundle(path) -> dict:
+    """Read a bundle written by :func:`save_report`: the keyword arguments of the Report it holds
+    (tables, histograms, runs; :meth:`.report.Report.load` makes the Report)."""
     path = Path(path)
     files = _read_files(path)
     if "manifest.json" not in files:
@@ -287,9 +287,8 @@ def load_report(path) -> Report:
                                 if k not in ("inputs", "outputs")}) if manifest.get("options") else None
     explanation = None
     if manifest.get("error_explanation"):
-        from .messages import Explanation
         explanation = Explanation(**manifest["error_explanation"])
-    return Report(
+    return dict(
         layers=frames.get("layers", pd.DataFrame()), outputs=frames.get("outputs", pd.DataFrame()),
         fp16_range=frames.get("fp16_range", pd.DataFrame()), references=frames.get("references", pd.DataFrame()),
         first_nonfinite=frames.get("first_nonfinite", pd.DataFrame()),
@@ -305,7 +304,7 @@ def load_report(path) -> Report:
 
 # ----------------------------------------------------------------------------- compare
 
-def compare_reports(a: Report, b: Report, labels=("a", "b")) -> pd.DataFrame:
+def compare_reports(a, b, labels=("a", "b")) -> pd.DataFrame:
     """Align two runs of the same model (e.g. two OS versions, or a device vs the emulator).
 
     One row per (compute unit, output) present in both: how far apart the two runs' outputs
@@ -313,8 +312,6 @@ def compare_reports(a: Report, b: Report, labels=("a", "b")) -> pd.DataFrame:
     the same (``same_inputs``). Then one row per (compute unit, layer output) whose error
     differs by more than 10x between the runs (``kind`` "layer").
     """
-    from .metrics import compare
-
     la, lb = labels
     same_inputs = len(a.runs["inputs"]) == len(b.runs["inputs"]) and all(
         da.keys() == db.keys() and all(np.array_equal(da[k], db[k]) for k in da)

@@ -31,7 +31,7 @@ import torch
 
 from . import messages as msgs
 from . import states as model_states
-from .emulator.program import mil_program
+from .emulator.program import mil_program, walk_ops
 from .messages import Message
 from .options import ConversionOptions, as_options
 from .sources import ExampleInputs, Source, load_source
@@ -91,16 +91,8 @@ class Conversion:
     def op_types(self) -> dict[str, int]:
         """Count of each MIL op type (nested blocks included, consts excluded)."""
         counts: dict[str, int] = {}
-
-        def walk(block):
-            for op in block.operations:
-                if op.op_type != "const":
-                    counts[op.op_type] = counts.get(op.op_type, 0) + 1
-                for b in op.blocks:
-                    walk(b)
-
-        for f in self.program.functions.values():
-            walk(f)
+        for op in walk_ops(self.program, nested=True):
+            counts[op.op_type] = counts.get(op.op_type, 0) + 1
         return dict(sorted(counts.items()))
 
     def io_dtypes(self) -> tuple[dict, dict]:
@@ -203,10 +195,9 @@ def _save_to_cache(key: str, conv: Conversion) -> None:
     try:
         conv.mlmodel.save(str(tmp / "model.mlpackage"))
         scopes = {}
-        for f in conv.program.functions.values():
-            for op in _all_ops(f):
-                if getattr(op, "scopes", None):
-                    scopes[op.name] = {src.name: list(vals) for src, vals in op.scopes.items()}
+        for op in walk_ops(conv.program, nested=True, consts=True):
+            if getattr(op, "scopes", None):
+                scopes[op.name] = {src.name: list(vals) for src, vals in op.scopes.items()}
         meta = {
             "spec_version": conv.spec_version, "wall_time": conv.wall_time, "method": conv.method,
             "source_kind": conv.source_kind, "options": conv.options.to_dict(),
@@ -221,13 +212,6 @@ def _save_to_cache(key: str, conv: Conversion) -> None:
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _all_ops(block):
-    for op in block.operations:
-        yield op
-        for b in op.blocks:
-            yield from _all_ops(b)
 
 
 #: the last few conversions of this process, by cache key: a cache hit without reloading the package
@@ -279,12 +263,11 @@ def _load_from_disk(key: str, options: ConversionOptions, inputs, source) -> Con
 def _restore_scopes(program, scopes: dict) -> None:
     from coremltools.converters.mil.mil.scope import ScopeSource
 
-    for f in program.functions.values():
-        for op in _all_ops(f):
-            saved = scopes.get(op.name)
-            if saved:
-                for src_name, vals in saved.items():
-                    op.scopes[ScopeSource[src_name]] = list(vals)
+    for op in walk_ops(program, nested=True, consts=True):
+        saved = scopes.get(op.name)
+        if saved:
+            for src_name, vals in saved.items():
+                op.scopes[ScopeSource[src_name]] = list(vals)
 
 
 # ---------------------------------------------------------------------------- convert
@@ -448,13 +431,12 @@ def _annotate_modules(program, chains: dict) -> None:
         return
     from coremltools.converters.mil.mil.scope import ScopeSource
 
-    for f in program.functions.values():
-        for op in _all_ops(f):
-            for v in op.outputs:
-                chain = chains.get(v.name)
-                if chain and chain[0]:
-                    op.scopes[ScopeSource.TORCHSCRIPT_MODULE_NAME] = chain[0].split(".") + [v.name]
-                    break
+    for op in walk_ops(program, nested=True, consts=True):
+        for v in op.outputs:
+            chain = chains.get(v.name)
+            if chain and chain[0]:
+                op.scopes[ScopeSource.TORCHSCRIPT_MODULE_NAME] = chain[0].split(".") + [v.name]
+                break
 
 
 def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict]:

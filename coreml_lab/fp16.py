@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .emulator.program import walk_ops
+
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
 FP16_MIN_SUBNORMAL = 2.0 ** -24
@@ -113,16 +115,16 @@ def const_ranges(program) -> list[dict]:
 
 def _const_ranges(program) -> list[dict]:
     rows = []
-    for f in program.functions.values():
-        for op in f.operations:
-            if op.op_type != "const":
-                continue
-            val = op.outputs[0].val
-            arr = np.asarray(val) if val is not None else None
-            if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
-                continue
-            r = range_of(arr)
-            users = sorted({c.outputs[0].name for c in op.outputs[0].child_ops if c.outputs})
-            rows.append({"const": op.outputs[0].name, "shape": tuple(arr.shape), "dtype": str(arr.dtype),
-                         "used_by": users, **r})
+    # the top level, as the diagnosis's rows (constants inside loop bodies and branches are not listed)
+    for op in walk_ops(program, nested=False, consts=True):
+        if op.op_type != "const":
+            continue
+        val = op.outputs[0].val
+        arr = np.asarray(val) if val is not None else None
+        if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+            continue
+        r = range_of(arr)
+        users = sorted({c.outputs[0].name for c in op.outputs[0].child_ops if c.outputs})
+        rows.append({"const": op.outputs[0].name, "shape": tuple(arr.shape), "dtype": str(arr.dtype),
+                     "used_by": users, **r})
     return rows

@@ -1,4 +1,4 @@
-"""Deployment checks: static findings on a converted model, and the deployment-target matrix.
+"""Deployment checks: static findings on a converted model (Core ML validator rules, field reports).
 
 Static checks and their sources:
 
@@ -18,16 +18,13 @@ Static checks and their sources:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
-from .convert import Conversion, ConversionError, convert, prepare
+from .convert import Conversion
 from .emulator.profiles import NE_UNSUPPORTED_OPS
-from .options import ConversionOptions, as_options
+from .emulator.program import walk_ops
 
 POSTPROCESS_OPS = {"reshape", "transpose", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",
                    "gather_nd", "topk", "argsort", "non_maximum_suppression", "squeeze", "expand_dims", "tile",
@@ -58,14 +55,8 @@ def _prime_factors(n: int) -> int:
 
 
 def _ops(conv: Conversion):
-    def walk(block):
-        for op in block.operations:
-            if op.op_type != "const":
-                yield op
-            for b in op.blocks:
-                yield from walk(b)
-    for f in conv.program.functions.values():
-        yield from walk(f)
+    """Every op the program holds, those of nested blocks too (a hostile op in a loop body counts)."""
+    return walk_ops(conv.program, nested=True)
 
 
 def lint(conv: Conversion) -> list[Finding]:
@@ -152,56 +143,3 @@ def _output_tail(conv: Conversion, depth: int = 3) -> list:
                         nxt.append(v.op)
         frontier = nxt
     return found
-
-
-# ----------------------------------------------------------------------------- target matrix
-
-MATRIX_COLUMNS = ["target", "ok", "error", "explanation", "spec_version", "input_dtypes", "output_dtypes", "op_types",
-                  "op_type_changes", "max_rel_error", "findings"]
-
-
-def target_matrix(model, example_inputs=None, options: ConversionOptions | dict | None = None,
-                  targets: Sequence[str] = ("iOS15", "iOS16", "iOS17", "iOS18"), compute_unit: str = "CPU_AND_NE",
-                  inputs=None) -> pd.DataFrame:
-    """Convert for several deployment targets and compare them, one row per target.
-
-    Columns: target, ok, error (the conversion error), explanation (what it means and the fix),
-    spec_version, input_dtypes, output_dtypes (name -> Core ML type), op_types (sorted),
-    op_type_changes (added/removed op types vs the previous target), max_rel_error (worst output
-    error vs torch FP32 under ``compute_unit``, emulated), findings (static checks, see :func:`lint`).
-    """
-    from .diagnosis import dataset
-    from .fixes import measure
-    from .reference import reference_outputs
-
-    opts = as_options(options)
-    prep = prepare(model, example_inputs)
-    feeds = dataset(inputs, prep.inputs) if prep.inputs is not None else []
-    want = reference_outputs(prep.source.reference, prep.inputs, feeds) if prep.source.reference is not None else []
-    rows, previous = [], None
-    for target in targets:
-        row = dict.fromkeys(MATRIX_COLUMNS)
-        row["target"] = target
-        try:
-            conv = convert(None, options=opts.replace(target=target), prepared=prep)
-        except ConversionError as exc:
-            row.update(ok=False, error=str(exc).splitlines()[0],
-                       explanation=(f"{exc.explanation.title}: {exc.explanation.fix}" if exc.explanation else
-                                    "no known explanation: see the conversion messages"),
-                       findings=[], op_types=[], op_type_changes="")
-            rows.append(row)
-            continue
-        ins, outs = conv.io_dtypes()
-        types = sorted(conv.op_types())
-        changes = ""
-        if previous is not None:
-            added, removed = sorted(set(types) - set(previous)), sorted(set(previous) - set(types))
-            changes = "; ".join(p for p in (f"+{added}" if added else "", f"-{removed}" if removed else "") if p)
-        previous = types
-        err = measure(conv, feeds, want, (compute_unit,)) if want else math.nan
-        findings = lint(conv)
-        row.update(ok=True, error="", explanation="", spec_version=conv.spec_version, input_dtypes=ins,
-                   output_dtypes=outs, op_types=types, op_type_changes=changes, max_rel_error=err,
-                   findings=[f"{f.severity}: {f.title}" for f in findings])
-        rows.append(row)
-    return pd.DataFrame(rows, columns=MATRIX_COLUMNS)

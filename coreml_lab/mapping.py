@@ -18,10 +18,12 @@ module: it is used by an op outside the module, or is a program output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coremltools.converters.mil.mil.scope import ScopeSource
+
+from .emulator.program import walk_ops
 
 ROOT = ""
 
@@ -111,7 +113,7 @@ def resolve_scope_path(names: list[str], types: list[str] | None, tree: Mapping)
 def chains_from_scopes(program, tree: Mapping | None) -> dict[str, tuple]:
     """Output var name -> module chain from TorchScript scopes, resolved against ``tree``."""
     chains: dict[str, tuple] = {}
-    for op in _ops(program):
+    for op in walk_ops(program, nested=False):  # module outputs are top-level vars
         scopes = getattr(op, "scopes", None) or {}
         names = list(scopes.get(ScopeSource.TORCHSCRIPT_MODULE_NAME, []))
         types = list(scopes.get(ScopeSource.TORCHSCRIPT_MODULE_TYPE, []))
@@ -139,19 +141,12 @@ def _ancestors(path: str) -> tuple:
 
 # --------------------------------------------------------------------------- module outputs
 
-def _ops(program) -> Iterable:
-    for f in program.functions.values():
-        for op in f.operations:
-            if op.op_type != "const":
-                yield op
-
-
 def module_outputs(program, chains: Mapping[str, tuple]) -> dict[str, str]:
     """module path -> the var carrying its output (last var in program order that leaves it)."""
     func = next(iter(program.functions.values()))
     block_outputs = {v.name for v in func.outputs}
     out: dict[str, str] = {}
-    for op in _ops(program):
+    for op in walk_ops(program, nested=False):  # module outputs are top-level vars
         for v in op.outputs:
             chain = chains.get(v.name)
             if not chain:

@@ -94,7 +94,7 @@ _CATALOGUE: list[tuple[re.Pattern, Explanation]] = [
                  "(strides must factor into at most two interleave factors). Reported on iPads with "
                  "minimum_deployment_target=iOS16: the model was right on a Mac and wrong on the device."),
         fix=("Lower the deployment target to iOS15, or change the strides (e.g. to 2 or 4, or split one large "
-             "stride into two convolutions); test on the device classes you ship to. lint.target_matrix "
+             "stride into two convolutions); test on the device classes you ship to. cl.target_matrix "
              "flags the stride patterns."),
         pitfall="P3")),
     (re.compile(r"(Torch|torch) version \S+ has not been tested with coremltools", re.I), Explanation(

@@ -261,7 +261,7 @@ def reference_outputs(reference, example, feeds: Sequence[dict]) -> list[list[np
 
 def run_onnxruntime(onnx_path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of ONNX Runtime (CPU) for an .onnx file."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only ONNX sources need it (heavy import)
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]

@@ -35,13 +35,17 @@ Column reference (stable; notebooks and users rely on them):
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from .fp16 import FP16_MAX
+from . import bundle, htmlreport
+from . import culprits as culprit_rules
+from .culprits import fmt, pct
+from .environment import environment
 from .metrics import degenerate_reference
 
 
@@ -63,8 +67,7 @@ class Report:
     ONSET_COLUMNS = ["compute_unit", "index", "op", "output", "op_type", "module", "device"]
     DIVERGENCE_COLUMNS = ["pair", "index", "op", "output", "op_type", "module", "max_abs_diff", "rel_diff",
                           "nonfinite_frac"]
-    CULPRIT_COLUMNS = ["compute_unit", "op", "op_type", "module", "reason", "score", "index", "output",
-                       "rel_err", "local_rel_err", "nonfinite_frac"]
+    CULPRIT_COLUMNS = culprit_rules.COLUMNS
 
     layers: pd.DataFrame
     outputs: pd.DataFrame
@@ -98,6 +101,84 @@ class Report:
                    compute_units=list(compute_units), runtime=runtime, messages=list(getattr(exc, "messages", [])),
                    error=str(exc), error_explanation=getattr(exc, "explanation", None))
 
+    @classmethod
+    def from_statistics(cls, stats, *, conversion, runtime: str, n_inputs: int) -> Report:
+        """The Report of a diagnosis from its :class:`~.statistics.Statistics` (every table, the
+        histograms, notes and runs); ``conversion`` is the diagnosed one."""
+        module_of = stats.pairing.layer_map.module_of
+        layer_rows = []
+        nan = math.nan
+        for cu in stats.units:
+            for name, st in stats.ops[cu].items():
+                if st.info is None:
+                    continue
+                info = st.info
+                acc = st.acc.result() if st.acc.n else {}
+                loc = st.local.result() if st.local.n else {}
+                key = stats.ref_of.get(name)
+                mod_out = stats.pairing.module_vars.get(key)
+                torch_layer = stats.torch_layers[mod_out].result() if mod_out in stats.torch_layers else {}
+                layer_rows.append({
+                    "compute_unit": cu, "runtime": runtime, "index": info.index, "op": info.op, "output": name,
+                    "op_type": info.op_type, "module": module_of(name), "module_output": mod_out,
+                    "device": info.device, "shape": stats.shapes.get(name), "max_abs": st.max_abs,
+                    "max_abs_err": acc.get("max_abs_err", nan), "mean_abs_err": acc.get("mean_abs_err", nan),
+                    "rel_err": acc.get("rel_err", nan), "snr_db": acc.get("snr_db", nan),
+                    "psnr_db": acc.get("psnr_db", nan), "cosine": acc.get("cosine", nan),
+                    "nonfinite_frac": acc.get("nonfinite_frac", 1.0 if st.nonfinite else 0.0),
+                    "nonfinite_onset": st.nonfinite and not st.nonfinite_from_inputs,
+                    "local_max_abs_err": loc.get("max_abs_err", nan), "local_rel_err": loc.get("rel_err", nan),
+                    "local_snr_db": loc.get("snr_db", nan), "torch_rel_err": torch_layer.get("rel_err", nan),
+                    "inputs": ",".join(info.inputs), "reference": key if (st.acc.n or st.ints) else None,
+                    "int_mismatch_frac": st.ints_differ / st.ints if st.ints else nan,
+                    "int_mismatch_onset": bool(st.ints_differ) and not st.ints_from_inputs,
+                })
+        layers = pd.DataFrame(layer_rows, columns=cls.LAYER_COLUMNS)
+        if len(layers):
+            layers = layers.sort_values(["compute_unit", "index"], kind="stable").reset_index(drop=True)
+        out_rows = []
+        for cu in stats.units:
+            for name in stats.output_names:
+                if (cu, name) not in stats.outputs:
+                    continue
+                res = stats.outputs[(cu, name)].result()
+                gold = stats.outputs_golden[(cu, name)].result() if (cu, name) in stats.outputs_golden else {}
+                out_rows.append({"compute_unit": cu, "runtime": runtime, "output": name,
+                                 "shape": stats.shapes.get(("output", name)), **res,
+                                 "golden_max_abs_err": gold.get("max_abs_err", nan),
+                                 "golden_rel_err": gold.get("rel_err", nan)})
+        onset = []
+        for cu, name in stats.first_nonfinite.items():
+            info = stats.ops[cu][name].info
+            onset.append({"compute_unit": cu, "index": info.index, "op": info.op, "output": name,
+                          "op_type": info.op_type, "module": module_of(name), "device": info.device})
+        torch_layers = pd.DataFrame([{"module": m, **s.result()} for m, s in stats.torch_layers.items()]
+                                    + [{"module": m, "shape_mismatch": f"{a} vs torch {b}"}
+                                       for m, (a, b) in stats.torch_mismatch.items()])
+        div_rows = []
+        first = stats.ops[stats.units[0]] if stats.units else {}
+        for (a, b, name), st in stats.pairs.items():
+            info = first[name].info if name in first and first[name].info else None
+            div_rows.append({"pair": f"{a} vs {b}", "index": info.index if info else nan, "op": info.op if info else "",
+                             "output": name, "op_type": info.op_type if info else "", "module": module_of(name),
+                             **st.result()})
+        histograms = {("layer", cu, name): st.hist.to_dict() for cu in stats.units
+                      for name, st in stats.ops[cu].items()
+                      if st.hist.counts.sum() or st.hist.exact or st.hist.nonfinite}
+        histograms.update({("output", cu, name): h.to_dict() for (cu, name), h in stats.output_hist.items()})
+        return cls(
+            layers=layers, outputs=pd.DataFrame(out_rows, columns=cls.OUTPUT_COLUMNS),
+            fp16_range=pd.DataFrame(stats.range_rows(), columns=cls.RANGE_COLUMNS),
+            references=pd.DataFrame([{"reference": k[0], "output": k[1], **v.result()}
+                                     for k, v in stats.references.items()], columns=cls.REFERENCE_COLUMNS),
+            first_nonfinite=pd.DataFrame(onset, columns=cls.ONSET_COLUMNS), torch_layers=torch_layers,
+            divergence=pd.DataFrame(div_rows, columns=cls.DIVERGENCE_COLUMNS),
+            histograms=histograms, options=conversion.options, compute_units=list(stats.units), runtime=runtime,
+            n_inputs=n_inputs, conversion=conversion, messages=list(conversion.messages),
+            layer_source=stats.pairing.layer_map.source, notes=sorted(stats.notes), runs=stats.runs,
+            environment=environment(runtime),
+        )
+
     @property
     def ok(self) -> bool:
         return self.error is None
@@ -112,80 +193,10 @@ class Report:
         the op alone loses more than ``tolerance`` relative (local error); the error grows
         here more than 10x over its inputs' error. An op with a large accumulated but small
         local error is not blamed. Columns: compute_unit, op, op_type, module, reason, score,
-        index, output, rel_err, local_rel_err, nonfinite_frac.
+        index, output, rel_err, local_rel_err, nonfinite_frac. The rules, their scores and
+        thresholds are the table :data:`.culprits.RULES`.
         """
-        if self.layers is None or not len(self.layers):
-            return pd.DataFrame(columns=self.CULPRIT_COLUMNS)
-        ranges = {}
-        if self.fp16_range is not None and len(self.fp16_range):
-            act = self.fp16_range[self.fp16_range["kind"] == "activation"]
-            ranges = {r.output: r for r in act.itertuples()}
-            weights = self.fp16_range[self.fp16_range["kind"] == "weight"]
-        else:
-            weights = pd.DataFrame(columns=self.RANGE_COLUMNS)
-        flushed_consts = {}
-        for w in weights.itertuples():
-            if w.flush_frac > 0 or w.overflow_frac > 0:
-                for user in str(w.used_by).split(", "):
-                    flushed_consts.setdefault(user, []).append(w)
-        rel_by = {(r.compute_unit, r.output): r.rel_err for r in self.layers.itertuples()}
-        rows = []
-        for r in self.layers.itertuples():
-            reasons = []
-            rng = ranges.get(r.reference) if r.reference else None
-            bad_here = (r.nonfinite_frac or 0) > 0 or _gt(r.rel_err, tolerance)
-            if r.nonfinite_onset:
-                reasons.append((1000 + 100 * (r.nonfinite_frac or 0),
-                                f"non-finite values start here ({_pct(r.nonfinite_frac)} inf/NaN) while its "
-                                "inputs are finite"))
-            if rng is not None and rng.overflow_frac > 0 and not (rng.inputs_max_abs > FP16_MAX) and bad_here:
-                reasons.append((900 + math.log10(max(rng.max_abs / FP16_MAX, 1.0)),
-                                f"FP16 overflow starts here: max |x| = {rng.max_abs:.3g} > 65504 while its inputs "
-                                f"stay within FP16 range ({_fmt(rng.inputs_max_abs)})"))
-            if r.int_mismatch_onset and _gt(r.int_mismatch_frac, 0):
-                reasons.append((700 + r.int_mismatch_frac,
-                                f"its integer output differs on {_pct(r.int_mismatch_frac)} of elements: FP16 "
-                                "rounding changes which elements it selects (a discrete op amplifies tiny errors)"))
-            if _gt(r.torch_rel_err, 1e-3):
-                reasons.append((800 + math.log10(r.torch_rel_err / 1e-3),
-                                f"the FP32 program already differs from torch here (rel err {r.torch_rel_err:.2g}): "
-                                "a translation error, not precision"))
-            local_bad = _gt(r.local_rel_err, tolerance) or bool(r.nonfinite_onset)
-            if rng is not None and rng.flush_frac > 0 and local_bad:
-                reasons.append((600 + rng.flush_frac, f"{_pct(rng.flush_frac)} of its values are below 2^-24 and "
-                                f"flush to zero in FP16"))
-            for w in flushed_consts.get(r.reference, []):
-                if local_bad:
-                    what = "flushes to zero" if w.flush_frac > 0 else "overflows"
-                    reasons.append((650, f"its constant {w.output} (|x| = {_fmt(w.min_abs_nonzero if w.flush_frac else w.max_abs)}) "
-                                         f"{what} in FP16"))
-            if _gt(r.local_rel_err, tolerance):
-                reasons.append((100 + min(10 * math.log10(r.local_rel_err / tolerance), 400),
-                                f"the op alone loses {r.local_rel_err:.2g} relative"))
-            ins = [rel_by.get((r.compute_unit, i)) for i in str(r.inputs).split(",") if i]
-            ins = [x for x in ins if x is not None and not math.isnan(x)]
-            worst_in = max(ins) if ins else 0.0
-            if _gt(r.rel_err, tolerance) and not math.isinf(r.rel_err) and r.rel_err > 10 * max(worst_in, 1e-12) \
-                    and not (r.local_rel_err == r.local_rel_err and r.local_rel_err < 0.1 * r.rel_err):
-                reasons.append((50 + min(math.log10(r.rel_err / max(worst_in, 1e-12)), 40),
-                                f"error grows here: rel err {r.rel_err:.2g} vs {worst_in:.2g} at its inputs"))
-            if not reasons:
-                continue
-            reasons.sort(key=lambda x: -x[0])
-            rows.append({"compute_unit": r.compute_unit, "op": r.op, "op_type": r.op_type, "module": r.module,
-                         "reason": "; ".join(t for _, t in reasons), "score": round(reasons[0][0], 3),
-                         "index": r.index, "output": r.output, "rel_err": r.rel_err,
-                         "local_rel_err": r.local_rel_err, "nonfinite_frac": r.nonfinite_frac})
-        df = pd.DataFrame(rows, columns=self.CULPRIT_COLUMNS)
-        if not len(df):
-            return df
-        # the same op blamed for the same reason on several compute units: one row
-        merged = (df.groupby(["op", "reason"], sort=False, dropna=False)
-                  .agg({**{c: "first" for c in self.CULPRIT_COLUMNS if c not in ("op", "reason", "compute_unit")},
-                        "compute_unit": lambda cus: ", ".join(cus)})
-                  .reset_index())[self.CULPRIT_COLUMNS]
-        return (merged.sort_values(["score", "index"], ascending=[False, True], kind="stable").head(n)
-                .reset_index(drop=True))
+        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance)
 
     # ---------------------------------------------------------------- verdict
     def summary(self, tolerance: float = 1e-2) -> str:
@@ -208,12 +219,12 @@ class Report:
             verdict = _verdict(worst, tolerance)
             agree = rows["top1_agree"].dropna()
             top1 = f", top-1 agreement {agree.min():.0%}" if len(agree) else ""
-            lines.append(f"- {cu}: {verdict} (max abs err {_fmt(worst.max_abs_err)}, mean {_fmt(worst.mean_abs_err)}, "
-                         f"rel {_fmt(worst.rel_err)}{top1})")
+            lines.append(f"- {cu}: {verdict} (max abs err {fmt(worst.max_abs_err)}, mean {fmt(worst.mean_abs_err)}, "
+                         f"rel {fmt(worst.rel_err)}{top1})")
         fp32 = self.references[self.references["reference"].str.startswith("fp32 program")] \
             if len(self.references) else self.references
         if len(fp32):
-            lines.append(f"- FP32 conversion vs torch FP64: rel err {_fmt(fp32['rel_err'].max())}"
+            lines.append(f"- FP32 conversion vs torch FP64: rel err {fmt(fp32['rel_err'].max())}"
                          f"{' (translation error!)' if fp32['rel_err'].max() > 1e-3 else ' (conversion itself is right)'}")
         if len(self.first_nonfinite):
             r = self.first_nonfinite.iloc[0]
@@ -229,6 +240,7 @@ class Report:
         else:
             lines.append(f"No op exceeds tolerance {tolerance:g}.")
         lines += self._hints(tolerance, culprits)
+        lines += [f"Note: {note}" for note in self.notes]  # what could not be measured, and why
         explained = [m for m in self.messages if getattr(m, "explanation", None) is not None
                      and m.source != "coremltools import"]
         for m in explained[:3]:
@@ -257,59 +269,47 @@ class Report:
     # ---------------------------------------------------------------- sharing
     def save(self, path):
         """Write a run bundle (directory, or zip if ``path`` ends with .zip); see :mod:`coreml_lab.bundle`."""
-        from .bundle import save_report
-        return save_report(self, path)
+        return bundle.save_report(self, path)
+
+    @classmethod
+    def load(cls, path) -> Report:
+        """Read a bundle written by :meth:`save` back into a Report (tables, histograms, runs)."""
+        return cls(**bundle.read_bundle(path))
 
     def to_html(self, title: str = "coreml_lab diagnosis") -> str:
         """One self-contained HTML page with the verdict, tables and figures."""
-        from .htmlreport import render
-        return render(self, title)
+        return htmlreport.render(self, title)
 
     # ---------------------------------------------------------------- plots
     def plot_layer_errors(self, metric: str = "rel_err", **kw):
-        from .plots import layer_errors
-        return layer_errors(self, metric, **kw)
+        return _plots().layer_errors(self, metric, **kw)
 
     def plot_error_histograms(self, **kw):
-        from .plots import error_histograms
-        return error_histograms(self, **kw)
+        return _plots().error_histograms(self, **kw)
 
     def plot_layer_histogram(self, layer: str, **kw):
-        from .plots import layer_histogram
-        return layer_histogram(self, layer, **kw)
+        return _plots().layer_histogram(self, layer, **kw)
 
     def plot_fp16_range(self, **kw):
-        from .plots import fp16_range
-        return fp16_range(self, **kw)
+        return _plots().fp16_range(self, **kw)
 
     def plot_compute_unit_divergence(self, **kw):
-        from .plots import compute_unit_divergence
-        return compute_unit_divergence(self, **kw)
+        return _plots().compute_unit_divergence(self, **kw)
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
-        import html
         return "<pre>" + html.escape(self.summary()) + "</pre>"
 
 
-def _gt(x, t) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x)) and x > t
-
-
-def _pct(x) -> str:
-    return f"{100 * (x or 0):.1f}%" if (x or 0) >= 0.001 else f"{100 * (x or 0):.2g}%"
-
-
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return f"{x:.3g}"
+def _plots():
+    """The plots module, imported when a figure is first drawn: it loads matplotlib, which a
+    diagnosis without figures (the CLI, a CI gate) does not need."""
+    from . import plots
+    return plots
 
 
 def _verdict(row, tolerance: float) -> str:
     if row.nonfinite_frac and row.nonfinite_frac > 0:
-        return f"BROKEN: {_pct(row.nonfinite_frac)} of output values are inf/NaN"
+        return f"BROKEN: {pct(row.nonfinite_frac)} of output values are inf/NaN"
     why = degenerate_reference(row.max_abs_err, row.rel_err)
     if why and (row.rel_err > tolerance or (row.top1_agree == row.top1_agree and row.top1_agree < 1)):
         return f"NO SIGNAL TO COMPARE: {why}"
@@ -318,3 +318,8 @@ def _verdict(row, tolerance: float) -> str:
     if row.rel_err > tolerance:
         return "DIFFERENT beyond tolerance"
     return "close to PyTorch"
+
+
+def load_report(path) -> Report:
+    """Read a bundle written by :meth:`Report.save` back into a Report (tables, histograms, runs)."""
+    return Report.load(path)

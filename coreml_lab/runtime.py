@@ -12,6 +12,7 @@ there with a test double standing in for Core ML's prediction.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import platform
 import threading
 from collections.abc import Callable
@@ -37,7 +38,7 @@ def coreml_available() -> bool:
     """True on macOS when coremltools can load models with Core ML."""
     if platform.system() != "Darwin":
         return False
-    try:
+    try:  # the Core ML bindings exist on macOS only
         from coremltools.libcoremlpython import _MLModelProxy  # noqa: F401
     except Exception:  # noqa: BLE001
         return False
@@ -93,7 +94,15 @@ class CoreMLRuntime:
             self._stream_intermediates(feeds, on_op)
         return outputs
 
+    def stream(self, feeds: dict, on_value: Callable[[int, OpRecord], None]) -> dict:
+        """Predict, handing every op output Core ML returns to ``on_value(order, record)`` as it
+        comes (``order``: 0, 1, ... in the order Core ML returns them); returns the outputs.
+        What a diagnosis measures on Core ML, against its emulated FP32 reference."""
+        order = itertools.count()
+        return self.predict(feeds, on_op=lambda record: on_value(next(order), record))
+
     def _stream_intermediates(self, feeds: dict, on_op) -> None:
+        # experimental coremltools API, needed on macOS only
         from coremltools.models.ml_program.experimental.debugging_utils import MLModelInspector
 
         if self._inspector is None:

@@ -292,7 +292,7 @@ def test_statistics_with_inf_and_nan_match_the_exact_numpy_path(scale, monkeypat
 
 
 def test_divergence_and_largest_value_skip_non_finite_elements():
-    from coreml_lab.diagnosis import _max_abs
+    from coreml_lab.statistics import max_abs_finite as _max_abs
 
     a = torch.tensor([1.0, -math.inf, 3.0, math.nan, -7.0, 2.0])
     b = torch.tensor([1.5, -math.inf, 3.0, 4.0, 9.0, math.inf]).half()
@@ -314,7 +314,6 @@ def _frames(rep):
 def test_computing_shared_steps_once_changes_no_number(name, precision, monkeypatch):
     """Steps several units (or a unit and the reference) compute identically run once: the report
     must be bit for bit the one where every unit runs every step."""
-    from coreml_lab.diagnosis import Diagnosis
     from coreml_lab.emulator.lockstep import SharedRun
 
     model, inputs, _ = sample_models.build(name)
@@ -330,8 +329,7 @@ def test_computing_shared_steps_once_changes_no_number(name, precision, monkeypa
     monkeypatch.setattr(SharedRun, "step", counting_step)
     fast = cl.diagnose(conv, progress=False)
     shared, reused = counts[-1]
-    monkeypatch.setattr(Diagnosis, "reuse", False)
-    slow = cl.diagnose(conv, progress=False)
+    slow = cl.diagnose(conv, progress=False, reuse=False)
     assert counts[-1] == (0, 0)
     assert shared + reused > 0  # the fast run really took shortcuts
     for key, frame in _frames(fast).items():
@@ -500,3 +498,34 @@ def test_profile_variants_are_diagnosed_as_given():
         cl.diagnose(model, inputs, compute_units=("CPU_AND_NE", "CPU_AND_NE"), progress=False)
     with pytest.raises(ValueError, match="variants describe the emulator"):
         cl.diagnose(model, inputs, compute_units=(variant,), runtime="coreml", progress=False)
+
+
+def test_a_local_rerun_that_fails_is_reported_not_dropped(monkeypatch):
+    """An op whose re-run alone fails leaves its local_* columns empty, and the Report says which
+    op, on which unit, and why; every other op's local error is unchanged."""
+    from coreml_lab.local_error import LocalErrors
+
+    model, inputs, _ = sample_models.build("fp16_overflow")
+    conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
+    units = ("CPU_AND_GPU",)
+    before = cl.diagnose(conv, compute_units=units, progress=False)
+    measured = before.layers.dropna(subset=["local_rel_err"])
+    victim = measured.iloc[len(measured) // 2]
+    real = LocalErrors.run_alone
+
+    def failing(self, step, env):
+        if step.op.name == victim.op:
+            raise RuntimeError("shapes only line up with device values")
+        return real(self, step, env)
+
+    monkeypatch.setattr(LocalErrors, "run_alone", failing)
+    after = cl.diagnose(conv, compute_units=units, progress=False)
+    notes = [n for n in after.notes if repr(victim.op) in n]
+    assert len(notes) == 1, after.notes
+    assert victim.op_type in notes[0] and "CPU_AND_GPU" in notes[0]
+    assert "RuntimeError: shapes only line up with device values" in notes[0]
+    assert not [n for n in before.notes if repr(victim.op) in n]
+    assert "Note: " + notes[0] in after.summary()
+    hit = after.layers.op == victim.op
+    assert after.layers[hit].local_rel_err.isna().all()
+    pd.testing.assert_series_equal(after.layers[~hit].local_rel_err, before.layers[~hit].local_rel_err)

@@ -121,6 +121,50 @@ def test_coreml_runtime_asks_for_compute_units_inputs_and_every_intermediate(con
     assert isinstance(conv_rec.value, np.ndarray) and conv_rec.value.ndim == 4
 
 
+def _load_with_double(mlmodel, compute_units):
+    """TEST DOUBLE loader: the model with the emulator standing in for Core ML's predict."""
+    model = ct.models.MLModel(mlmodel.get_spec(), weights_dir=mlmodel.weights_dir, skip_model_load=True)
+    model.predict = EmulatorStandInForCoreMLPredict(model, compute_units)
+    return model
+
+
+def test_a_diagnosis_on_core_ml_measures_what_the_runtime_streams(monkeypatch):
+    """The macOS path of a diagnosis (CoreMLRuntime.stream into the statistics), with the emulator
+    standing in for Core ML: every streamed op output becomes a layer row, in the order streamed,
+    measured against the exact FP32 program."""
+    from coremltools.models.ml_program.experimental import debugging_utils
+
+    from coreml_lab.convert import convert
+    from coreml_lab.diagnosis import Diagnosis
+
+    monkeypatch.setattr(debugging_utils, "MLModelAsyncWrapper", EmulatorStandInForAsyncCoreMLModel)
+    monkeypatch.setattr(rt, "_load_mlmodel", _load_with_double)
+    model, inputs, _ = sample_models.build("healthy")
+    conv16 = cl.convert(model, inputs, cl.ConversionOptions(precision="fp16"))
+    conv32 = convert(None, options=conv16.options.replace(precision="fp32", fp32_ops=()),
+                     prepared=conv16.prepared, layer_mapping=True)
+    orders = []
+    real_stream = rt.CoreMLRuntime.stream
+
+    def watching_stream(self, feeds, on_value):
+        return real_stream(self, feeds, lambda order, record: orders.append(order) or on_value(order, record))
+
+    monkeypatch.setattr(rt.CoreMLRuntime, "stream", watching_stream)
+    units = ["CPU_ONLY", "CPU_AND_NE"]
+    report = Diagnosis(conv16, conv32, units, "coreml", local=False).run([conv16.example_inputs.as_numpy()],
+                                                                        progress=False)
+    assert report.runtime == "coreml" and report.environment["measured"]
+    per_unit = len(orders) // 2
+    assert per_unit and orders == list(range(per_unit)) * 2
+    for cu in units:
+        rows = report.layers[report.layers.compute_unit == cu]
+        assert len(rows) == per_unit and set(rows.device) == {"coreml"}
+        assert list(rows["index"]) == list(range(per_unit))
+        compared = rows.dropna(subset=["rel_err"])
+        assert len(compared) > per_unit // 2 and (compared.rel_err < 1e-2).all()
+    assert set(report.outputs.compute_unit) == set(units) and (report.outputs.rel_err < 1e-2).all()
+
+
 def test_run_coroutine_works_inside_a_running_event_loop():
     import asyncio
 

@@ -1,4 +1,9 @@
-"""One program under several device profiles at once, each step computed once where they agree.
+"""Lockstep runs: one program under several device profiles beside a reference program, op by op.
+
+:class:`Lockstep` runs a reference interpreter (the exact FP32 program) and the diagnosed
+program's interpreters (one per compute unit) step by step, handing each step's values to the
+caller while the values it is compared with are alive; :class:`SharedRun` is its per-unit half,
+the units advancing together.
 
 A diagnosis runs the same program for every compute unit, and re-runs each op on
 reference inputs. Much of that work is the same computation twice: the GPU and the
@@ -12,6 +17,9 @@ tests run diagnoses with and without sharing and compare every number).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections import Counter
 
 import numpy as np
 import torch
@@ -122,14 +130,15 @@ class SharedRun:
 
     def __init__(self, interpreters: dict[str, Interpreter], share: bool = True):
         if not interpreters:
-            raise ValueError("SharedRun needs at least one interpreter")
+            raise ValueError("a lockstep run needs at least one compute unit's interpreter")
         self.interpreters = interpreters
         self.share = share
         self.plans = {cu: interp.main for cu, interp in interpreters.items()}
         first = next(iter(self.plans.values()))
         for plan in self.plans.values():
             if [s.op for s in plan.steps] != [s.op for s in first.steps]:
-                raise ValueError("SharedRun: the interpreters do not run the same program")
+                raise ValueError("the compute units' interpreters do not run the same program (each unit must "
+                                 "run one program, under its own profile)")
         self.n_steps = len(first.steps)
         self.names = [var_input_names(s) for s in first.steps]
         self.shared_steps = 0
@@ -176,3 +185,104 @@ class SharedRun:
         outs = {cu: dict(zip(plan.output_names, plan.outputs_from(self.envs[cu]))) for cu, plan in self.plans.items()}
         self.envs = {}
         return outs
+
+
+class Lockstep:
+    """Runs a reference interpreter and the diagnosed interpreters (one program, one per unit) op by op.
+
+    The diagnosed units advance together through :class:`SharedRun`, so a step several units
+    compute identically runs once (``reuse``), and a unit's step that provably computes what its
+    paired reference step computed (:func:`same_computation`, on the very reference tensors)
+    takes the reference's values. :meth:`run` calls ``on_step(index, step, {unit: output values},
+    refs)`` after each diagnosed step, where ``refs`` maps the reference vars paired (``ref_of``)
+    with the step's outputs (and inputs, with ``with_inputs`` or where a step may take the
+    reference's values) to their values, and ``on_reference(step, name, value)`` (a generator)
+    for every reference value. Reference values are kept only until their last use.
+    """
+
+    def __init__(self, ref_interp: Interpreter, dev_interps: dict[str, Interpreter], with_inputs: bool,
+                 ref_of: dict, reuse: bool = True):
+        self.ref = ref_interp
+        self.ref_of = ref_of
+        self.units = SharedRun(dev_interps, share=reuse)
+        self.steps = list(next(iter(dev_interps.values())).main.steps)
+        #: per unit, per step: the reference step computing exactly the same (None: none, or not reused)
+        self.same = {cu: same_steps(interp, ref_interp, ref_of) if reuse else [None] * len(self.steps)
+                     for cu, interp in dev_interps.items()}
+        keys = set(ref_interp.main.input_names)
+        for s in ref_interp.main.steps:
+            keys.update(name for name, _, _ in s.outputs)
+        self.step_keys = []
+        uses: Counter = Counter()
+        for index, step in enumerate(self.steps):
+            ks = [ref_of.get(n) for n, _, _ in step.outputs]
+            if with_inputs or any(same[index] is not None for same in self.same.values()):
+                ks += [ref_of.get(n) for n in var_input_names(step)]
+            ks = [k for k in ks if k in keys]
+            self.step_keys.append(ks)
+            uses.update(ks)
+        self.uses = uses
+
+    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_reference):
+        """Generator (``on_reference`` is one: it may wait for torch); returns (reference outputs,
+        each unit's outputs)."""
+        ref_iter = self.ref.iterate(ref_feeds)
+        remaining = Counter(self.uses)
+        store = {k: v for k, v in ref_feeds.items() if remaining.get(k)}
+        ref_open = True
+        ref_of = self.ref_of
+        index = 0
+
+        def take_reference(cu, step, env):
+            same = self.same[cu][index]
+            if same is None or any(env[n] is not store.get(ref_of.get(n)) for n in self.units.names[index]):
+                return None
+            outs = [store.get(name) for name, _, _ in same.outputs]
+            return None if any(o is None for o in outs) else outs
+
+        self.units.start({cu: dev_feeds for cu in self.units.interpreters})
+        for index, step in enumerate(self.steps):
+            keys = self.step_keys[index]
+            while ref_open and any(k not in store for k in keys):
+                try:
+                    rstep, rvalues = next(ref_iter)
+                except StopIteration:
+                    ref_open = False
+                    break
+                for (name, _, _), v in zip(rstep.outputs, rvalues):
+                    if remaining.get(name):
+                        store[name] = v
+                    yield from on_reference(rstep, name, v)
+            values = self.units.step(index, take_reference)
+            on_step(index, step, values, {k: store.get(k) for k in keys})
+            self.units.free(index)
+            for k in keys:
+                remaining[k] -= 1
+                if remaining[k] <= 0:
+                    store.pop(k, None)
+        for rstep, rvalues in ref_iter:
+            for (name, _, _), v in zip(rstep.outputs, rvalues):
+                yield from on_reference(rstep, name, v)
+        return self.ref.last_outputs, self.units.finish()
+
+
+#: dev interpreter -> reference interpreter -> per dev step, the reference step computing the same
+_SAME_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def same_steps(dev_interp: Interpreter, ref_interp: Interpreter, ref_of: dict) -> list:
+    """For each top-level step of ``dev_interp``, the step of ``ref_interp`` that computes exactly
+    the same (None if none); constants are compared once per pair of interpreters."""
+    per_ref = _SAME_STEPS.setdefault(dev_interp, weakref.WeakKeyDictionary())
+    found = per_ref.get(ref_interp)
+    if found is None:
+        producer = {name: s for s in ref_interp.main.steps for name, _, _ in s.outputs}
+        found = []
+        for step in dev_interp.main.steps:
+            wanted = [ref_of.get(name) for name, _, _ in step.outputs]
+            candidate = producer.get(wanted[0]) if wanted else None
+            ok = candidate is not None and [n for n, _, _ in candidate.outputs] == wanted \
+                and same_computation(step, candidate, ref_of)
+            found.append(candidate if ok else None)
+        per_ref[ref_interp] = found
+    return found

@@ -1,4 +1,4 @@
-"""Getting the MIL program out of a Core ML model, and naming ops for people.
+"""Getting the MIL program out of a Core ML model, walking its ops, and naming ops for people.
 
 An in-memory MLModel from ``ct.convert`` carries its MIL program (with scopes that
 name the torch module of each op). A model loaded from disk does not: its program
@@ -8,6 +8,7 @@ is rebuilt from the protobuf with coremltools' own milproto loader, without scop
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import coremltools as ct
@@ -71,3 +72,32 @@ def module_path(op) -> str | None:
     if not names or len(names) < 2:
         return None
     return ".".join(names[:-1])
+
+
+def walk_ops(where, *, nested: bool, consts: bool = False) -> Iterator:
+    """The MIL ops of a program, function or block, in program order: the one op walk of the kit.
+
+    ``where``: a ``Program`` (every function, in order), a ``Function`` or a ``Block``.
+    ``nested`` has no default, every caller chooses:
+
+    * ``nested=False`` - the top level only. An op holding blocks (``cond``, ``while_loop``)
+      is one op, the way the interpreter runs it as one step: use it wherever ops are paired
+      with the interpreter's steps or with each other by position (a diagnosis's rows, the
+      pairing of an FP16 program with its FP32 reference, module outputs, the FP16 range
+      table).
+    * ``nested=True`` - also the ops of nested blocks, each right after the op holding them
+      (pre-order): use it for what the program contains (op counts, lint, scopes saved
+      with a cached conversion).
+
+    ``consts``: also yield ``const`` ops (default: skip them - they are weights, not work).
+    """
+    if hasattr(where, "functions"):
+        for function in where.functions.values():
+            yield from walk_ops(function, nested=nested, consts=consts)
+        return
+    for op in where.operations:
+        if consts or op.op_type != "const":
+            yield op
+        if nested:
+            for block in op.blocks:
+                yield from walk_ops(block, nested=True, consts=consts)

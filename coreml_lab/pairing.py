@@ -1,0 +1,118 @@
+"""Pairing a diagnosed (FP16 or mixed) program with its FP32 reference: var pairs and layer maps.
+
+coremltools names the same op differently at FP16 and FP32 (``var_7_cast_fp16`` vs
+``var_7``), so ops are paired by structure (:func:`pair_programs`), names being the fallback
+(:func:`reference_key`). :class:`ProgramPairing` holds what a diagnosis needs from the pairing:
+the var pairs, the reference's layer map and the diagnosed program's, borrowed from it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .emulator.program import walk_ops
+from .mapping import LayerMap, module_outputs
+
+_SUFFIX = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_promoted)+$")
+
+
+def reference_key(name: str) -> str:
+    """The FP32-program name of a var of an FP16/mixed program by naming (``var_7_cast_fp16`` -> ``var_7``)."""
+    return _SUFFIX.sub("", name)
+
+
+def pair_programs(dev_program, ref_program) -> dict[str, str]:
+    """Dev var name -> the reference (FP32 program) var holding the same quantity.
+
+    Matched by structure, not names (coremltools names the same op differently at FP16 and
+    FP32): walking the dev program in order, an op matches the first unmatched reference op
+    of the same type whose non-constant inputs are the matches of its own inputs. A precision
+    cast the reference does not have is transparent (its output matches its input's match).
+    Ops left unmatched fall back to name matching. Top-level ops only (a loop is one op, as it
+    is one step of the interpreter).
+    """
+    dev_f = next(iter(dev_program.functions.values()))
+    ref_f = next(iter(ref_program.functions.values()))
+    ref_inputs = set(ref_f.inputs)
+    match: dict[str, str] = {n: n for n in dev_f.inputs if n in ref_inputs}
+    index: dict = defaultdict(list)
+    ref_names = set(ref_inputs)
+    for op in walk_ops(ref_f, nested=False):
+        index[(op.op_type, _input_signature(op, None))].append(op)
+        ref_names.update(v.name for v in op.outputs)
+    used = set()
+    for op in walk_ops(dev_f, nested=False):
+        sig = _input_signature(op, match)
+        candidates = [c for c in index.get((op.op_type, sig), []) if id(c) not in used] if sig is not None else []
+        if candidates:
+            ref_op = candidates[0]
+            used.add(id(ref_op))
+            for dv, rv in zip(op.outputs, ref_op.outputs):
+                match[dv.name] = rv.name
+        elif op.op_type == "cast" and op.inputs["x"].name in match:
+            match[op.outputs[0].name] = match[op.inputs["x"].name]
+        else:
+            for dv in op.outputs:
+                key = reference_key(dv.name)
+                if key in ref_names:
+                    match[dv.name] = key
+    return match
+
+
+def _input_signature(op, match):
+    """(input name, matched var name or "const") for every input; None if an input has no match."""
+    sig = []
+    for pname, v in sorted(op.inputs.items()):
+        for x in (v if isinstance(v, (list, tuple)) else (v,)):
+            if x.op is not None and x.op.op_type == "const":
+                sig.append((pname, "const"))
+            elif match is None:
+                sig.append((pname, x.name))
+            elif x.name in match:
+                sig.append((pname, match[x.name]))
+            else:
+                return None
+    return tuple(sig)
+
+
+def paired_layer_map(conversion, ref_map: LayerMap, ref_of: dict) -> LayerMap:
+    """The diagnosed program's LayerMap: module chains of the reference vars it is paired with."""
+    if conversion.layer_chains:
+        return conversion.layer_map()
+    chains = {dev: ref_map.chains[ref] for dev, ref in ref_of.items() if ref in ref_map.chains}
+    if not chains:
+        return conversion.layer_map()  # no mapping to borrow: scopes resolved against the module tree
+    return LayerMap(chains=chains, module_outputs=module_outputs(conversion.program, chains), source=ref_map.source)
+
+
+def innermost_module_per_var(module_outputs: dict) -> dict:
+    """var -> the innermost module whose output it carries (``blocks.11`` rather than ``blocks``)."""
+    out: dict = {}
+    for module, var in module_outputs.items():
+        if var not in out or module.count(".") > out[var].count(".") or (
+                module.count(".") == out[var].count(".") and len(module) > len(out[var])):
+            out[var] = module
+    return out
+
+
+@dataclass(frozen=True)
+class ProgramPairing:
+    """A diagnosed conversion paired with its FP32 reference conversion."""
+
+    #: diagnosed var -> the reference var holding the same quantity
+    ref_of: dict
+    #: the reference program's op -> torch module mapping
+    ref_map: LayerMap
+    #: the diagnosed program's, borrowed from the reference where it has none of its own
+    layer_map: LayerMap
+    #: reference var -> the innermost torch module whose output it carries
+    module_vars: dict
+
+    @classmethod
+    def of(cls, conversion, reference) -> ProgramPairing:
+        ref_map = reference.layer_map()
+        ref_of = pair_programs(conversion.program, reference.program)
+        return cls(ref_of=ref_of, ref_map=ref_map, layer_map=paired_layer_map(conversion, ref_map, ref_of),
+                   module_vars=innermost_module_per_var(ref_map.module_outputs))
