@@ -475,7 +475,12 @@ def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict
 def _loaded(source: Source, inputs, options: ConversionOptions, env_messages) -> Conversion:
     ml = source.model
     spec = ml.get_spec()
-    program = mil_program(ml) if spec.WhichOneof("Type") == "mlProgram" else None
+    program = None
+    if spec.WhichOneof("Type") == "mlProgram":
+        program = mil_program(ml)
+        if getattr(ml, "_mil_program", None) is None:
+            # one program object for every run of this model (the user's MLModel is left as it is)
+            ml = ct.models.MLModel(spec, weights_dir=ml.weights_dir, mil_program=program, skip_model_load=True)
     note = msgs.make("info", "loaded an existing Core ML model: nothing was converted; options other than "
                      "compute_units do not apply", "coreml_lab")
     return Conversion(mlmodel=ml, program=program, options=options, spec_version=spec.specificationVersion,

@@ -1,4 +1,4 @@
-"""Core ML states from torch buffers: find the buffers a forward updates in place and make ``ct.StateType`` specs.
+"""Core ML states and torch buffers: which buffers become states (``ct.StateType``), and both kept in step.
 
 A KV cache written as ``self.k_cache[:, :, p:p + 1] = k`` (Apple's stateful-model
 guide) is a torch buffer that the forward updates in place; converted at iOS18
@@ -15,6 +15,9 @@ user's model is left as it was.
 :func:`conversion_states` turns the found buffers (or the names given as
 ``ConversionOptions(states=...)``) into ``ct.StateType`` specs for ``ct.convert``,
 with messages saying what became a state and why something could not.
+
+:class:`StepStates` holds the state buffers of one multi-step diagnosis: the reference
+program's, each compute unit's, and torch's own buffers they are compared with.
 """
 
 from __future__ import annotations
@@ -249,6 +252,75 @@ def conversion_states(source, updated: Sequence[UpdatedBuffer], options, ct_inpu
     return inputs, [_state_type(n, buffers[n][0]) for n in options.states], messages
 
 
+# ---------------------------------------------------------------------------- stepping
+
+def check_steps(feeds_list: Sequence[dict], model) -> None:
+    """Every step's inputs fit ``model`` (an ``EmulatedModel``): a clear error naming the expected names and
+    shapes before anything runs."""
+    expected = "; ".join(spec.describe() for spec in model.input_specs)
+    by_name = {spec.name: spec for spec in model.input_specs}
+    for i, feeds in enumerate(feeds_list):
+        for name, value in feeds.items():
+            spec = by_name.get(name)
+            if spec is None:
+                raise ValueError(f"steps[{i}] has an input {name!r} the model does not have; its inputs are {expected}")
+            if spec.kind == "array" and not spec.accepts_shape(tuple(np.shape(value))):
+                raise ValueError(f"steps[{i}]: input {name!r} has shape {tuple(np.shape(value))}; the model's inputs "
+                                 f"are {expected}")
+
+
+class StepStates:
+    """The state buffers of one diagnosis: the reference program's, each unit's, and torch's.
+
+    Core ML starts every state at zeros (``make_state()``); :meth:`reset` starts all of them
+    there, torch's buffers included (the caller restores the user's buffers afterwards, see
+    :func:`preserved_buffers`). A state whose torch buffer is unknown is compared with the
+    reference program's state instead.
+    """
+
+    def __init__(self, ref, devs: dict, torch_buffers: dict):
+        self.ref, self.devs, self.torch_buffers = ref, devs, torch_buffers
+        self.reference: dict = {}
+        self.units: dict = {}
+
+    @classmethod
+    def of(cls, ref, devs: dict, torch_model, conv) -> StepStates | None:
+        """The states of a stateful program (None for a stateless one); raises ValueError when the units'
+        programs or torch's buffers do not hold the states the reference program declares."""
+        if not ref.state_specs:
+            return None
+        want = {s.name: tuple(s.shape) for s in ref.state_specs}
+        described = "; ".join(f"{n} {shape}" for n, shape in want.items())
+        for dev in devs.values():
+            have = {s.name: tuple(s.shape) for s in dev.state_specs}
+            if have != want:
+                raise ValueError(f"state mismatch: the diagnosed program's states are "
+                                 f"{'; '.join(f'{n} {sh}' for n, sh in have.items()) or 'none'}; expected {described}")
+        buffers = {}
+        if isinstance(torch_model, torch.nn.Module):
+            by_feature = {feature_name(n): (n, b) for n, b in torch_model.named_buffers()}
+            for name, shape in want.items():
+                if name in by_feature:
+                    bname, buf = by_feature[name]
+                    if tuple(buf.shape) != shape:
+                        raise ValueError(f"state shape mismatch: the model's state {name!r} holds {shape}, but torch "
+                                         f"buffer {bname!r} is {tuple(buf.shape)}. The model's states are {described}")
+                    buffers[name] = buf
+        return cls(ref, devs, buffers)
+
+    def reset(self) -> None:
+        """Empty states everywhere: fresh ``make_state()`` buffers, torch's state buffers zeroed."""
+        self.reference = self.ref.make_state().buffers
+        self.units = {cu: dev.make_state().buffers for cu, dev in self.devs.items()}
+        with torch.no_grad():
+            for buf in self.torch_buffers.values():
+                buf.zero_()
+
+    def want(self) -> dict:
+        """state name -> what each unit's state is compared with: torch's buffer, else the reference program's."""
+        return {name: self.torch_buffers.get(name, ref).detach() for name, ref in self.reference.items()}
+
+
 def _is_state_type(spec) -> bool:
     import coremltools as ct
 
@@ -256,4 +328,4 @@ def _is_state_type(spec) -> bool:
 
 
 __all__ = ["StateError", "UpdatedBuffer", "find_updated_buffers", "preserved_buffers", "conversion_states",
-           "feature_name", "target_has_states"]
+           "feature_name", "target_has_states", "StepStates", "check_steps"]

@@ -78,13 +78,13 @@ class CachedAttention(nn.Module):
         p = pos[0]
         self.k_cache[:, :, p:p + 1] = k.half()
         self.v_cache[:, :, p:p + 1] = v.half()
-        scores = (q @ self.k_cache.float().transpose(-1, -2)) * self.head_dim ** -0.5 + mask
+        scores = (q @ self.k_cache.to(q.dtype).transpose(-1, -2)) * self.head_dim ** -0.5 + mask
         if self.naive_softmax:
             e = scores.exp()
             weights = e / e.sum(-1, keepdim=True)
         else:
             weights = torch.softmax(scores, dim=-1)
-        y = (weights @ self.v_cache.float()).transpose(1, 2).reshape(b, t, d)
+        y = (weights @ self.v_cache.to(q.dtype)).transpose(1, 2).reshape(b, t, d)
         return self.o(y)
 
 
