@@ -156,30 +156,30 @@ def tokens(n: int, seed: int = 0, vocab: int = 64) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def step_inputs(n: int = MAX_LEN, seed: int = 0) -> list[dict]:
-    """Inputs of ``n`` decoding steps, one dict ``{"token", "pos"}`` per step (``n <= MAX_LEN``)."""
-    if not 1 <= n <= MAX_LEN:
-        raise ValueError(f"n must be between 1 and MAX_LEN={MAX_LEN} (the cache has {MAX_LEN} slots), got {n}")
+def step_inputs(n: int = MAX_LEN, seed: int = 0, max_len: int = MAX_LEN) -> list[dict]:
+    """Inputs of ``n`` decoding steps, one dict ``{"token", "pos"}`` per step (``n <= max_len``, the cache size)."""
+    if not 1 <= n <= max_len:
+        raise ValueError(f"n must be between 1 and max_len={max_len} (the cache has {max_len} slots), got {n}")
     return [{"token": torch.tensor([[t]]), "pos": torch.tensor([i])} for i, t in enumerate(tokens(n, seed))]
 
 
-def build(seed: int = 0, config: str = "healthy"):
+def build(seed: int = 0, config: str = "healthy", max_len: int = MAX_LEN):
     """``config="healthy"``: right at every step; ``"overflow"``: block 1's hand-written softmax overflows FP16
-    once about 9 cache slots are filled."""
+    once about 9 cache slots are filled. ``max_len``: cache slots (decoding steps it can take)."""
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {', '.join(map(repr, CONFIGS))}, got {config!r}")
     seeded(seed)
     overflow = config == "overflow"
-    model = KVDecoder(naive_softmax_layers=(1,) if overflow else ()).eval()
+    model = KVDecoder(max_len=max_len, naive_softmax_layers=(1,) if overflow else ()).eval()
     if overflow:
         _add_attention_sink(model.blocks[1].attn, SINK_LOGIT)
     first = step_inputs(1, seed)[0]
     example = (first["token"], first["pos"])
     if overflow:
-        text = (f"KV-cache decoder (2 blocks, dim 64, {MAX_LEN} cache slots as Core ML states) whose block 1 "
+        text = (f"KV-cache decoder (2 blocks, dim 64, {max_len} cache slots as Core ML states) whose block 1 "
                 "computes softmax as exp(s) / sum(exp(s)) without subtracting the maximum: each filled slot adds "
                 f"about e^{SINK_LOGIT} to the sum, which passes FP16's 65504 after about 9 decoding steps.")
     else:
-        text = (f"KV-cache decoder (2 blocks of RMSNorm + rotary attention + MLP, dim 64) with {MAX_LEN} cache "
+        text = (f"KV-cache decoder (2 blocks of RMSNorm + rotary attention + MLP, dim 64) with {max_len} cache "
                 "slots updated in place: Core ML states at iOS18, right at every decoding step.")
     return model, example, text

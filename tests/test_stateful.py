@@ -80,7 +80,7 @@ def test_sample_is_registered_with_a_pitfall_configuration():
         assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(ValueError, match="config must be one of 'healthy', 'overflow'"):
         kv_decoder.build(config="big")
-    with pytest.raises(ValueError, match="between 1 and MAX_LEN=16"):
+    with pytest.raises(ValueError, match="between 1 and max_len=16"):
         kv_decoder.step_inputs(17)
 
 

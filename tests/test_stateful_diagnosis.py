@@ -54,11 +54,22 @@ def test_fp32_conversion_stays_at_fp32_noise_at_every_step_and_leaves_the_model_
         assert torch.equal(before[n], b), f"diagnose changed buffer {n}"
 
 
-def test_healthy_fp16_decoder_is_within_tolerance_at_every_step():
+def test_healthy_fp16_decoder_is_within_tolerance_at_every_step(tmp_path):
     _, rep = diagnose_steps(n=16)
     assert rep.first_bad_step == {cu: None for cu in UNITS}
     out = rep.steps[rep.steps.kind == "output"]
     assert out.rel_err.max() < 5e-3 and (out.nonfinite_frac == 0).all()
+    rep.save(tmp_path / "run.zip")
+    back = cl.load_report(tmp_path / "run.zip")
+    assert len(back.steps) == len(rep.steps) and back.first_bad_step == rep.first_bad_step
+    assert list(back.steps["name"]) == list(rep.steps["name"])
+
+
+def test_without_steps_each_input_of_a_stateful_model_is_a_first_step():
+    model, example, _ = kv_decoder.build()
+    rep = cl.diagnose(model, example, cl.ConversionOptions(**IOS18), progress=False)
+    assert rep.ok and not len(rep.steps) and rep.first_bad_step == {}
+    assert (rep.outputs.rel_err < 5e-3).all()
 
 
 def test_overflow_config_first_bad_step_and_layer_are_found_and_the_fix_is_verified():
