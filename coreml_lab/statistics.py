@@ -181,8 +181,8 @@ class Statistics:
         self.shapes: dict = {}
         self.notes: set = set()
         self.runs = {"inputs": [], "outputs": {}, "torch": []}
-        #: per decoding step (``diagnose(steps=...)``): finished rows, and the open step's accumulators
-        self.step_rows: list[dict] = []
+        #: per decoding step (``diagnose(steps=...)``): finished rows (Report.STEP_COLUMNS), the open step's sums
+        self.step_rows: list[tuple] = []
         self._step: dict | None = None               # (unit, kind, name) -> ErrorStats of the open step
         self._layer_index: dict = {}                 # module -> program index of its first op
 
@@ -206,10 +206,9 @@ class Statistics:
             if not es.n:
                 continue
             res = es.result()
-            self.step_rows.append({"step": step, "compute_unit": cu, "name": name, "kind": kind,
-                                   "index": self._layer_index.get(name, -1) if kind == "layer" else -1,
-                                   "max_abs_err": res["max_abs_err"], "rel_err": res["rel_err"],
-                                   "nonfinite_frac": res["nonfinite_frac"]})
+            # a tuple in Report.STEP_COLUMNS order: the one thing that grows with the steps, kept small
+            self.step_rows.append((step, cu, name, kind, self._layer_index.get(name, -1) if kind == "layer" else -1,
+                                   res["max_abs_err"], res["rel_err"], res["nonfinite_frac"]))
         self._step = None
 
     # ---------------------------------------------------------------- reference values
