@@ -72,7 +72,8 @@ def _options(args):
 
     fp32_ops = tuple(o for o in (args.fp32_ops or "").split(",") if o)
     try:
-        return cl.ConversionOptions(precision=args.precision, target=args.target, fp32_ops=fp32_ops)
+        return cl.ConversionOptions(precision=args.precision, target=args.target, fp32_ops=fp32_ops,
+                                    compression=args.compression or None)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -84,6 +85,8 @@ def _add_model_args(p):
     p.add_argument("--precision", default="fp16", help="fp16 | fp32 | mixed (default fp16)")
     p.add_argument("--fp32-ops", default="", help="with --precision mixed: comma-separated op types/names")
     p.add_argument("--target", default="iOS17", help="deployment target (default iOS17)")
+    p.add_argument("--compression", default="", help="weight compression after conversion: palettize4, "
+                   "int8-per-channel, int8-per-tensor, int4-per-block32 (iOS18), prune50, prune50+palettize4 ...")
 
 
 def _worst(report) -> float:
@@ -126,6 +129,15 @@ def cmd_fix(args) -> int:
     import coreml_lab as cl
 
     model, example = _load_model(args.model, args.input)
+    if args.compression:  # a compression fix: weights to leave uncompressed
+        fix = cl.find_uncompressed_ops(model, example, _options(args), tolerance=args.tolerance,
+                                       time_budget=args.budget, progress=not args.quiet)
+        print(fix.message)
+        print(fix.sensitivity[["op", "module", "mode", "nbits", "weight_snr_db", "error_alone", "rank"]].to_string(
+            index=False))
+        if fix.found:
+            print(fix.snippet)
+        return 0 if fix.found else 1
     fix = cl.find_fp32_ops(model, example, _options(args), tolerance=args.tolerance, time_budget=args.budget,
                            progress=not args.quiet)
     print(fix.message)
@@ -181,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="save a run bundle here (directory, or .zip)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_diagnose)
-    p = sub.add_parser("fix", help="find ops to keep in FP32 (verified mixed precision)")
+    p = sub.add_parser("fix", help="find ops to keep in FP32 (verified mixed precision), or with --compression "
+                       "the layers to leave uncompressed")
     _add_model_args(p)
     p.add_argument("--tolerance", type=float, default=1e-2)
     p.add_argument("--budget", type=float, default=300.0, help="time budget in seconds")

@@ -108,7 +108,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
             conv = convert(None, options=opts, prepared=prep)
         # the exact reference: the FP32 conversion, through coremltools' op mapping (torch modules)
         conv32 = conv if conv.method == "loaded" else convert(
-            None, options=opts.replace(precision="fp32", fp32_ops=()), prepared=prep, layer_mapping=True)
+            None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep, layer_mapping=True)
     except ConversionError as exc:
         return Report.failed(opts, exc, cus, runtime=kind)
     if conv.program is None:

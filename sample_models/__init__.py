@@ -24,6 +24,7 @@ SAMPLES = (
     "ne_hostile",
     "asr_onnx",
     "transformer_mask",
+    "compression_outlier",
 )
 
 #: stateful samples (Core ML states, iOS18): decoded step by step, so they are not in the one-call zoo above,
