@@ -143,21 +143,21 @@ def round_(call):
 @kernel("inverse", family="elementwise")
 def inverse(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-4)
+    eps = call.float("epsilon")
     return 1.0 / (x + torch.tensor(eps, dtype=x.dtype))
 
 
 @kernel("log", family="elementwise")
 def log(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-45)
+    eps = call.float("epsilon")
     return torch.log(x + torch.tensor(eps, dtype=x.dtype))
 
 
 @kernel("rsqrt", family="elementwise")
 def rsqrt(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-12)
+    eps = call.float("epsilon")
     return torch.rsqrt(x + torch.tensor(eps, dtype=x.dtype))
 
 
