@@ -16,14 +16,10 @@ harness.set_environment()  # before coremltools' testing_reqs builds the backend
 
 import coremltools as ct  # noqa: E402
 import pytest  # noqa: E402
-from coremltools.converters.mil.frontend.torch.test.test_torch_ops import (  # noqa: E402
-    TestLSTMWithPackedSequence,
-)
-from coremltools.converters.mil.mil.ops.tests.iOS17.test_scatter_gather import (  # noqa: E402
-    TestScatter,
-    TestScatterAlongAxis,
-    TestScatterNd,
-)
+
+# modules, not classes: a Test* class in this namespace would be collected whole
+from coremltools.converters.mil.frontend.torch.test import test_torch_ops as torch_ops  # noqa: E402
+from coremltools.converters.mil.mil.ops.tests.iOS17 import test_scatter_gather as ios17  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +53,11 @@ def _emulator_for_core_ml(monkeypatch):
     harness.install(monkeypatch)
 
 
-SCATTER = _cases(TestScatter.test_ios17_invalid_indices)
-ALONG = _cases(TestScatterAlongAxis.test_ios17_invalid_indices)
-ND = _cases(TestScatterNd.test_ios17_invalid_indices)
+SCATTER = _cases(ios17.TestScatter.test_ios17_invalid_indices)
+ALONG = _cases(ios17.TestScatterAlongAxis.test_ios17_invalid_indices)
+ND = _cases(ios17.TestScatterNd.test_ios17_invalid_indices)
 # FP32 backends: the FP16 ones compare at 0.5 / 5e-2 and would hide a state mix-up
-PACKED = _cases(TestLSTMWithPackedSequence.test_lstm, keep=lambda args: args[1][1] == "fp32")
+PACKED = _cases(torch_ops.TestLSTMWithPackedSequence.test_lstm, keep=lambda args: args[1][1] == "fp32")
 
 
 def test_the_selection_is_coremltools_own():
@@ -73,19 +69,19 @@ def test_the_selection_is_coremltools_own():
 
 @pytest.mark.parametrize("args", SCATTER, ids=_id)
 def test_scatter_invalid_indices(args):
-    TestScatter().test_ios17_invalid_indices(*args)
+    ios17.TestScatter().test_ios17_invalid_indices(*args)
 
 
 @pytest.mark.parametrize("args", ALONG, ids=_id)
 def test_scatter_along_axis_invalid_indices(args):
-    TestScatterAlongAxis().test_ios17_invalid_indices(*args)
+    ios17.TestScatterAlongAxis().test_ios17_invalid_indices(*args)
 
 
 @pytest.mark.parametrize("args", ND, ids=_id)
 def test_scatter_nd_invalid_indices(args):
-    TestScatterNd().test_ios17_invalid_indices(*args)
+    ios17.TestScatterNd().test_ios17_invalid_indices(*args)
 
 
 @pytest.mark.parametrize("args", PACKED, ids=_id)
 def test_lstm_with_packed_sequence(args):
-    TestLSTMWithPackedSequence().test_lstm(*args)
+    torch_ops.TestLSTMWithPackedSequence().test_lstm(*args)
