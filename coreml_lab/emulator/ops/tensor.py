@@ -211,15 +211,15 @@ def topk(call):
         k = n
     if not 0 <= k <= n:
         raise ValueError(f"topk: input k={k} is out of range for axis {axis} of size {n}")
+    # sort=False allows any order; the sorted order is one of them
+    vals, idx = _sorted(x, axis, call.bool("ascending"))
+    vals, idx = vals.narrow(axis, 0, k), idx.narrow(axis, 0, k)
+    if len(call.outputs) == 1:  # return_indices=False: iOS17 declares no output_indices_dtype then
+        return vals
     dtype_name = call.str("output_indices_dtype")
     if dtype_name not in ("int32", "uint16"):
         raise ValueError(f"topk: input output_indices_dtype={dtype_name!r} is not supported; "
                          "expected 'int32' or 'uint16'")
-    # sort=False allows any order; the sorted order is one of them
-    vals, idx = _sorted(x, axis, call.bool("ascending"))
-    vals, idx = vals.narrow(axis, 0, k), idx.narrow(axis, 0, k)
-    if len(call.outputs) == 1:
-        return vals
     return vals, idx.to(_out_dtype(call, 1, torch.int32))
 
 
