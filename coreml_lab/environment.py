@@ -40,7 +40,7 @@ def profile_lines(env: dict) -> list[str]:
     for label, prov in (env or {}).get("compute_units", {}).items():
         if prov.get("variant"):
             lines.append(f"{label} modelled as Neural Engine generation {prov['variant']} "
-                         f"({prov.get('chip_generation')}); facts and sources: {FACTS_DOC}")
+                         f"({str(prov.get('chip_generation')).split(' (')[0]}); facts and sources: {FACTS_DOC}")
     return lines
 
 

@@ -38,8 +38,9 @@ def test_environment_names_each_units_profile_and_variant(m1_report):
 
 def test_summary_says_which_generation_modelled_the_neural_engine(m1_report):
     text = m1_report.summary()
-    assert "CPU_AND_NE modelled as Neural Engine generation M5 (A15 and later" in text
-    assert "modelled as Neural Engine generation M1 (M1 and A14" in text
+    assert "CPU_AND_NE modelled as Neural Engine generation M5 (A15 and later, M2 and later); facts and sources: "\
+        "docs/device_profiles.md" in text
+    assert "modelled as Neural Engine generation M1 (M1 and A14); facts" in text
     assert "facts and sources: docs/device_profiles.md" in text
     assert "CPU_ONLY modelled" not in text
 
