@@ -202,7 +202,8 @@ class Diagnosis:
             self.stats.record_run(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
         bar.close()
-        return Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list))
+        return Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list),
+                                      profiles=self.profiles)
 
     def _golden(self, tensors):
         """The FP64 run; FP64 weights made per module as it runs, or a full FP64 copy if needed."""

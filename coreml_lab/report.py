@@ -54,7 +54,7 @@ import pandas as pd
 from . import bundle, htmlreport
 from . import culprits as culprit_rules
 from .culprits import fmt, pct
-from .environment import environment
+from .environment import environment, profile_lines
 from .metrics import degenerate_reference
 
 
@@ -114,9 +114,10 @@ class Report:
                    error=str(exc), error_explanation=getattr(exc, "explanation", None))
 
     @classmethod
-    def from_statistics(cls, stats, *, conversion, runtime: str, n_inputs: int) -> Report:
+    def from_statistics(cls, stats, *, conversion, runtime: str, n_inputs: int, profiles: dict | None = None) -> Report:
         """The Report of a diagnosis from its :class:`~.statistics.Statistics` (every table, the
-        histograms, notes and runs); ``conversion`` is the diagnosed one."""
+        histograms, notes and runs); ``conversion`` is the diagnosed one, ``profiles`` (label ->
+        DeviceProfile) the profiles that modelled its units (named in the environment)."""
         module_of = stats.pairing.layer_map.module_of
         layer_rows = []
         nan = math.nan
@@ -188,7 +189,7 @@ class Report:
             histograms=histograms, options=conversion.options, compute_units=list(stats.units), runtime=runtime,
             n_inputs=n_inputs, conversion=conversion, messages=list(conversion.messages),
             layer_source=stats.pairing.layer_map.source, notes=sorted(stats.notes), runs=stats.runs,
-            environment=environment(runtime),
+            environment=environment(runtime, profiles),
             steps=pd.DataFrame(stats.step_rows, columns=cls.STEP_COLUMNS),
         )
 
@@ -298,6 +299,7 @@ class Report:
         else:
             lines.append(f"No op exceeds tolerance {tolerance:g}.")
         lines += self._hints(tolerance, culprits)
+        lines += profile_lines(self.environment)  # which Neural Engine generation modelled each unit
         lines += [f"Note: {note}" for note in self.notes]  # what could not be measured, and why
         explained = [m for m in self.messages if getattr(m, "explanation", None) is not None
                      and m.source != "coremltools import"]
