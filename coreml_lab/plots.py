@@ -11,6 +11,7 @@ import math
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL
 from .metrics import HIST_EDGES
@@ -294,8 +295,8 @@ def step_errors(report, compute_unit: str | None = None, metric: str = "rel_err"
     if bad_step is not None:
         ax.axvline(list(grid.columns).index(bad_step) - 0.5, color="red", lw=1.5, ls="--",
                    label=f"first bad step ({bad_step})")
-    if len(xs) or bad_step is not None:
-        ax.legend(loc="upper left", fontsize=7)
+    if len(xs) or bad_step is not None:  # below the heatmap, right of the axis label: inside it would hide cells
+        ax.legend(loc="upper right", bbox_to_anchor=(1, -0.04), ncol=2, fontsize=7, frameon=False)
     ax.set_title(f"{compute_unit}: {METRIC_LABELS.get(metric, metric)} per layer and step")
     fig.colorbar(im, ax=ax, label=metric)
     return fig
@@ -320,8 +321,9 @@ def state_errors(report, metric: str = "rel_err", floor: float = 1e-9) -> Figure
         if bad is not None:
             ax.axvline(bad, color="red", lw=1, ls=":")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(cu + (f" (first bad step {bad})" if bad is not None else ""), fontsize=9)
         ax.set_xlabel("decoding step")
     axes[0].set_ylabel(METRIC_LABELS.get(metric, metric))
-    axes[-1].legend(fontsize=6, loc="upper left")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels, not over a curve
     return fig
