@@ -3,7 +3,10 @@
 ``lab(...)`` returns a :class:`Lab`: an options panel (model, precision incl. mixed with the
 op types to keep in FP32, deployment target, convert_to, compute units, runtime) with a
 "Convert and diagnose" button, and a dashboard with tabs - Summary, Per-layer error,
-Histograms, FP16 range, Compute units, Messages, Fixes. Errors raised while converting or
+Histograms, FP16 range, Compute units, Messages, Fixes, Steps. Stateful models (the samples in
+``sample_models.STATEFUL``, or a model with Core ML states) get a "Steps" control: the diagnosis
+then runs that many decoding steps, and the Steps tab shows the step x layer heatmap, the state
+errors and the first bad step. Errors raised while converting or
 running are shown in the panel (with their explanation where one is known), never swallowed.
 Everything the button does is also callable (``Lab.run()``), so a notebook renders its
 results without a click.
@@ -12,6 +15,7 @@ results without a click.
 from __future__ import annotations
 
 import html
+import importlib
 import traceback
 
 import ipywidgets as W
@@ -23,9 +27,25 @@ from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
 from .emulator.profiles import DEFAULT_NE_GENERATION, NE_GENERATIONS, ne_profile
 from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
+from .states import MIN_TARGET, target_has_states
 
 YOUR_MODEL = "(your model)"
 TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Messages", "Fixes")
+STEPS_TAB = "Steps"
+DEFAULT_STEPS = 12
+
+
+def _stateful_choices() -> dict:
+    """Model dropdown label -> (stateful sample, config): "kv_decoder" (its first config) and "kv_decoder (overflow)"."""
+    choices = {}
+    for name in sample_models.STATEFUL:
+        configs = getattr(importlib.import_module(f"sample_models.{name}"), "CONFIGS", (None,))
+        for i, config in enumerate(configs):
+            choices[name if i == 0 else f"{name} ({config})"] = (name, config)
+    return choices
+
+
+STATEFUL_CHOICES = _stateful_choices()
 
 
 def _error_html(exc: BaseException) -> str:
@@ -42,10 +62,11 @@ def _error_html(exc: BaseException) -> str:
 class Lab:
     """Options panel + dashboard. ``widget`` is the whole UI; ``report`` the last diagnosis."""
 
-    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None):
+    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+                 steps: list | None = None):
         self.user_model, self.user_inputs = model, example_inputs
         opts = options or ConversionOptions()
-        choices = ([YOUR_MODEL] if model is not None else []) + list(sample_models.SAMPLES)
+        choices = ([YOUR_MODEL] if model is not None else []) + list(sample_models.SAMPLES) + list(STATEFUL_CHOICES)
         self.model_choice = W.Dropdown(options=choices, value=YOUR_MODEL if model is not None else sample,
                                        description="Model")
         self.precision = W.ToggleButtons(options=["fp16", "fp32", "mixed"], value=opts.precision,
@@ -72,6 +93,7 @@ class Lab:
         self.tabs = W.Tab(children=[W.Output() for _ in TABS])
         for i, t in enumerate(TABS):
             self.tabs.set_title(i, t)
+        self._build_steps(steps)
         self.report = None
         self.fix = None
         self.button.on_click(lambda _: self.run())
@@ -79,10 +101,13 @@ class Lab:
         self.precision.observe(lambda _: self._sync_mixed(), names="value")
         self._sync_mixed()
         self._refresh_op_types()
+        self._sync_steps()  # after _refresh_op_types, which finds whether your model has states
+        self.model_choice.observe(lambda _: self._sync_steps(), names="value")
         options_box = W.VBox([
             W.HBox([self.model_choice, self.target, self.convert_to]),
             W.HBox([self.precision, self.runtime, self.ne_chip]),
             W.HBox([self.compute_units, self.fp32_ops]),
+            self.steps,
             W.HBox([self.button, self.status]),
         ])
         self.widget = W.VBox([W.HTML("<h3 style='margin:0'>coreml_lab</h3>"), options_box, self.error,
@@ -100,6 +125,8 @@ class Lab:
         display(self.widget)
 
     def _model(self):
+        if self.model_choice.value in STATEFUL_CHOICES:
+            return self._stateful_sample()[:2]
         if self.model_choice.value == YOUR_MODEL:
             return self.user_model, self.user_inputs
         model, inputs, _ = sample_models.build(self.model_choice.value)
@@ -115,6 +142,7 @@ class Lab:
             with self.progress:  # coremltools' progress bars show in the panel, then go
                 conv = convert(model, inputs, ConversionOptions(precision="fp32", target=self.target.value))
             self.fp32_ops.options = list(conv.op_types())
+            self._has_states = bool(conv.mlmodel.get_spec().description.state)
         except Exception as exc:  # noqa: BLE001 - shown, not swallowed
             self.error.value = _error_html(exc)
         finally:
@@ -139,9 +167,11 @@ class Lab:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
             units = self.selected_units()
             with self.progress:
-                report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
+                report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value,
+                                  steps=self.step_feeds())
             self.report = report
             self._fill(report)
+            self._fill_steps(report)
             self.status.value = ("<b style='color:#2ca02c'>done</b>" if report.ok else
                                  "<b style='color:#d62728'>conversion failed - see Summary</b>")
             if not report.ok:
@@ -211,15 +241,83 @@ class Lab:
             display(button)
 
 
+    # ------------------------------------------------------------------ steps (stateful models)
+    def _build_steps(self, steps: list | None) -> None:
+        """The Steps control (shown for stateful models) and the Steps tab."""
+        self.user_steps = None if steps is None else list(steps)
+        self._has_states = False
+        self.steps = W.BoundedIntText(value=DEFAULT_STEPS, min=1, max=DEFAULT_STEPS, description="Steps",
+                                      tooltip="decoding steps to diagnose, one after the other (Core ML states)",
+                                      layout=W.Layout(width="180px"))
+        self.steps_summary = W.HTML(value="<i>run a diagnosis of a stateful model to see its steps</i>")
+        self.steps_plots = W.Output()
+        self.tabs.children = (*self.tabs.children, W.VBox([self.steps_summary, self.steps_plots]))
+        self.tabs.set_title(len(self.tabs.children) - 1, STEPS_TAB)
+
+    def _stateful_sample(self):
+        """``(model, example_inputs, sample module)`` of the chosen stateful sample configuration."""
+        name, config = STATEFUL_CHOICES[self.model_choice.value]
+        module = importlib.import_module(f"sample_models.{name}")
+        model, inputs, _ = sample_models.build(name, **({} if config is None else {"config": config}))
+        return model, inputs, module
+
+    def is_stateful(self) -> bool:
+        """Whether the chosen model is decoded step by step: a stateful sample, your model with Core ML states, or
+        your model with ``steps=`` given to ``lab()``."""
+        if self.model_choice.value in STATEFUL_CHOICES:
+            return True
+        return self.model_choice.value == YOUR_MODEL and (self._has_states or self.user_steps is not None)
+
+    def _sync_steps(self) -> None:
+        """Show the Steps control for stateful models (bounded by the cache size or the steps given); a stateful
+        sample needs a target with states."""
+        stateful = self.is_stateful()
+        self.steps.disabled = not stateful
+        self.steps.layout.display = None if stateful else "none"
+        if self.model_choice.value in STATEFUL_CHOICES:
+            self.steps.max = getattr(importlib.import_module(f"sample_models.{STATEFUL_CHOICES[self.model_choice.value][0]}"),
+                                     "MAX_LEN", DEFAULT_STEPS)
+            if not target_has_states(self.target.value):
+                self.target.value = MIN_TARGET
+        elif self.user_steps:
+            self.steps.max = len(self.user_steps)
+        self.steps.value = min(self.steps.value, self.steps.max)
+
+    def step_feeds(self) -> list | None:
+        """The input dicts of the steps to diagnose (``Steps`` of them), or None: one call, no steps."""
+        if not self.is_stateful():
+            return None
+        if self.model_choice.value in STATEFUL_CHOICES:
+            return self._stateful_sample()[2].step_inputs(self.steps.value)
+        return None if self.user_steps is None else self.user_steps[:self.steps.value]
+
+    def _fill_steps(self, report) -> None:
+        """The Steps tab: the first bad step per compute unit, the step x layer heatmap, the state errors."""
+        self.steps_plots.clear_output()
+        if not report.ok or report.steps is None or not len(report.steps):
+            hint = ("pick a stateful model (e.g. kv_decoder), or pass steps=[{...}, ...] (one input dict per "
+                    "decoding step) to lab()") if not self.is_stateful() else "the diagnosis has no per-step numbers"
+            self.steps_summary.value = f"<i>no steps: {html.escape(hint)}</i>"
+            return
+        line = next((ln for ln in report.summary().splitlines() if ln.startswith("- First bad step")), "")
+        self.steps_summary.value = (f"<pre class='cl-first-bad-step' style='white-space:pre-wrap'>"
+                                     f"{html.escape(line[2:])}</pre>" + report.first_bad().to_html(index=False))
+        with self.steps_plots:
+            display(report.plot_step_errors())
+            display(report.plot_state_errors())
+
+
 class _ReportError(Exception):
     def __init__(self, report):
         super().__init__(report.error)
         self.explanation = report.error_explanation
 
 
-def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None) -> Lab:
-    """The interactive panel and dashboard; display it in a notebook cell."""
-    return Lab(model, example_inputs, sample, options)
+def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+        steps: list | None = None) -> Lab:
+    """The interactive panel and dashboard; display it in a notebook cell. ``steps``: input dicts, one per decoding
+    step, for your stateful model (the Steps control picks how many)."""
+    return Lab(model, example_inputs, sample, options, steps)
 
 
 __all__ = ["lab", "Lab"]
