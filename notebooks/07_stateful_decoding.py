@@ -113,8 +113,8 @@ report.plot_step_errors()
 
 # %% [markdown]
 # The heatmap is one compute unit (the first to go wrong): a row per layer, a column per step. Steps
-# 0-7 are at FP16 rounding level everywhere; from step 8 on `blocks.1.attn` is wrong, and every layer
-# after it inherits the error.
+# 0-7 are at FP16 rounding level everywhere; from step 8 on `blocks.1.attn` holds inf (red crosses), and
+# what reads it - its output projection `blocks.1.attn.o`, the MLP, the head - inherits the error.
 
 # %%
 report.plot_state_errors()
