@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import runtime as rt
+from .compression_report import compression_table, mark_layers
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import Lockstep, var_input_names
 from .emulator.profiles import PROFILES, get_profile, profile_label
@@ -165,7 +166,10 @@ class Diagnosis:
             self.stats.record_run(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
         bar.close()
-        return Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list))
+        report = Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list))
+        report.compression = compression_table(report.layers, self.conv, self.conv32, self.pairing)
+        report.layers = mark_layers(report.layers, report.compression)
+        return report
 
     def _golden(self, tensors):
         """The FP64 run; FP64 weights made per module as it runs, or a full FP64 copy if needed."""

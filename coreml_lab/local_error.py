@@ -3,7 +3,9 @@
 A layer that only inherits error from its inputs is not to blame; one whose op alone loses
 precision is. The re-runs are shared where they provably compute the same
 (:func:`~.emulator.lockstep.share_key`), and a unit whose inputs already equal the reference's
-takes its own device run as the local run. A re-run that fails is reported, never dropped:
+takes its own device run as the local run. A compressed weight (a ``constexpr_*`` op's output,
+which the uncompressed FP32 reference does not have) enters the re-run as the unit decompressed
+it: the op's local error then includes what its compressed weights cost. A re-run that fails is reported, never dropped:
 a note in the Report names the op, the units and the reason.
 """
 
@@ -35,6 +37,8 @@ class LocalErrors:
         self.interpreters = interpreters  # unit -> emulator interpreter
         self.storage = {cu: storage_table(interp) for cu, interp in interpreters.items()}
         self.reuse = reuse
+        #: unit -> var -> decompressed weight (constexpr_* outputs: constants with no reference var)
+        self.weights: dict = {cu: {} for cu in interpreters}
 
     def measure(self, index: int, step, values: dict, refs: dict, state: StepState, exact: dict,
                 same: dict) -> None:
@@ -42,6 +46,10 @@ class LocalErrors:
         their reference; ``same``: per unit, the reference step computing exactly this op (or None)."""
         in_names = var_input_names(step)
         units = self.stats.units
+        if step.op.op_type.startswith("constexpr_"):
+            for cu in units:
+                for (name, _, _), v in zip(step.outputs, values[cu]):
+                    self.weights[cu][name] = v
         # a unit whose inputs all equal the reference already ran this op on them
         rerun = [cu for cu in units if not (self.reuse and all(n in exact[cu] for n in in_names))]
         for cu in set(units) - set(rerun):
@@ -98,6 +106,9 @@ class LocalErrors:
         for name in in_names:
             key = self.ref_of.get(name)
             r = refs.get(key)
+            if r is None and name in self.weights[cu]:
+                env[name] = self.weights[cu][name]  # a compressed weight, as the unit decompressed it
+                continue
             if r is None:
                 return None  # an input without reference value: no local measurement
             dt = storage.get(name)

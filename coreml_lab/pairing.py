@@ -66,8 +66,8 @@ def _input_signature(op, match):
     sig = []
     for pname, v in sorted(op.inputs.items()):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
-            if x.op is not None and x.op.op_type == "const":
-                sig.append((pname, "const"))
+            if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
+                sig.append((pname, "const"))  # a compressed weight (constexpr_*) is a constant too
             elif match is None:
                 sig.append((pname, x.name))
             elif x.name in match:

@@ -30,6 +30,12 @@ Column reference (stable; notebooks and users rely on them):
     "onnxruntime" vs FP64 (ONNX sources).
 ``first_nonfinite`` - per compute unit, the first op (program order) whose output has inf/NaN.
 ``divergence`` - per pair of compute units and op output: max_abs_diff, rel_diff, nonfinite_frac.
+``compression`` - one row per (compute unit, compressed weight) of a compressed conversion (empty
+    otherwise): compute_unit, op (the consuming op), op_type, module, weight, compression (in
+    words), mode, nbits, granularity, block, sparsity, weight_snr_db, weight_max_abs_err (against
+    the uncompressed weight), local_rel_err (the consuming op alone, its compressed weights
+    included), upstream_rel_err (the error arriving at its other inputs), rel_err, index
+    (see :mod:`coreml_lab.compression_report`); ``layers`` then has a ``compression`` column.
 ``culprits(n)`` - see :meth:`Report.culprits`.
 """
 
@@ -91,6 +97,8 @@ class Report:
     runs: dict = field(default_factory=lambda: {"inputs": [], "outputs": {}, "torch": []}, repr=False)
     #: where the run happened (OS, versions, runtime); "measured" is True for Core ML runs
     environment: dict = field(default_factory=dict)
+    #: per compressed weight: its weight error and what its layer loses (empty without compression)
+    compression: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -192,11 +200,12 @@ class Report:
         already differs from torch there (translation error); values flush to zero in FP16;
         the op alone loses more than ``tolerance`` relative (local error); the error grows
         here more than 10x over its inputs' error. An op with a large accumulated but small
-        local error is not blamed. Columns: compute_unit, op, op_type, module, reason, score,
-        index, output, rel_err, local_rel_err, nonfinite_frac. The rules, their scores and
-        thresholds are the table :data:`.culprits.RULES`.
+        local error is not blamed; an op reading compressed weights whose local error exceeds
+        ``tolerance`` is blamed with the compression mode and weight SNR in the reason.
+        Columns: compute_unit, op, op_type, module, reason, score, index, output, rel_err,
+        local_rel_err, nonfinite_frac. The rules, their scores and thresholds are the table :data:`.culprits.RULES`.
         """
-        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance)
+        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance, compression=self.compression)
 
     # ---------------------------------------------------------------- verdict
     def summary(self, tolerance: float = 1e-2) -> str:
@@ -257,7 +266,11 @@ class Report:
         differ = any(r.rel_err > tolerance or (r.top1_agree == r.top1_agree and r.top1_agree < 1) for r in others)
         cpu_ok = cpu is not None and cpu.nonfinite_frac == 0 and cpu.rel_err <= tolerance and \
             not (cpu.top1_agree == cpu.top1_agree and cpu.top1_agree < 1)
-        if (broken or differ) and self.options is not None and self.options.precision != "fp32":
+        if (broken or differ) and getattr(self.options, "compression", None) is not None and len(culprits) \
+                and culprits["reason"].str.contains("compressed weights").any():
+            hints.append("Try: cl.find_uncompressed_ops(model, example_inputs, options) to leave the costliest "
+                         "compressed layers uncompressed (or at more bits), verified.")
+        elif (broken or differ) and self.options is not None and self.options.precision != "fp32":
             ops = sorted({c.op_type for c in culprits.itertuples()}) if len(culprits) else []
             keep = f" or keep {ops} in FP32 (precision='mixed', fp32_ops={tuple(ops)!r})" if ops else ""
             hints.append(f"Try: precision='fp32'{keep}.")

@@ -100,7 +100,7 @@ LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
     "workflows": ["targets", "compression_fix", "fixes", "lint"],
     "diagnosis": ["diagnosis"],
-    "diagnosis parts": ["local_error", "statistics", "pairing", "report"],
+    "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
     "conversion, runs, report parts": ["convert", "mapping", "sources", "runtime", "reference", "fp16", "culprits",
                                        "bundle", "plots", "htmlreport"],
     "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",

@@ -217,3 +217,40 @@ def test_spent_budget_says_so_and_measures_nothing_it_did_not(sample):
                                    tolerance=0.02, time_budget=0, progress=False)
     assert not fix.found and "budget" in fix.message and fix.ops == ()
     assert fix.sensitivity.error_alone.isna().all() and fix.error_before > 0.02
+
+
+# ----------------------------------------------------------------------------- diagnosis of compressed conversions
+
+@pytest.mark.parametrize("spec,target", [("palettize4", "iOS18"), ("int8-per-tensor", "iOS18")])
+def test_diagnosis_blames_the_outlier_layers_compression(sample, spec, target):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(precision="fp16", target=target, compression=spec),
+                         progress=False)
+    table = report.compression
+    assert len(table) == 4 * len(UNITS) and set(table.compute_unit) == set(UNITS)
+    cpu = table[table.compute_unit == "CPU_ONLY"].set_index("module")
+    assert list(cpu.index) == [f"blocks.{i}" for i in range(4)]
+    # weights compared with the uncompressed FP32 reference's: finite SNR, positive error
+    assert cpu.weight_snr_db.between(5, 60).all() and (cpu.weight_max_abs_err > 0).all()
+    # every compressed layer's local error is measured (the decompressed weight enters the re-run)
+    assert cpu.local_rel_err.notna().all() and (cpu.local_rel_err > 1e-3).all()
+    assert cpu.local_rel_err.idxmax() == sample_models.compression_outlier.OUTLIER_LAYER
+    assert cpu.loc["blocks.0", "upstream_rel_err"] < 1e-3 < cpu.loc["blocks.3", "upstream_rel_err"]
+    # the layer rows of compressed ops carry the mode; the others do not
+    layers = report.layers[report.layers.compute_unit == "CPU_ONLY"]
+    marked = layers[layers.compression != ""]
+    assert set(marked.module) == set(cpu.index) and set(marked.op_type) == {"linear"}
+    mode = "palettize 4-bit" if spec == "palettize4" else "quantize 8-bit per_tensor"
+    assert all(mode in c for c in marked.compression)
+    top = report.culprits(3).iloc[0]
+    assert top.module == sample_models.compression_outlier.OUTLIER_LAYER
+    assert top.reason.startswith(f"compressed weights: {mode}") and "weight SNR" in top.reason
+    assert "find_uncompressed_ops" in report.summary()
+
+
+def test_uncompressed_diagnosis_has_an_empty_compression_table(sample):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(precision="fp16", target="iOS18"), progress=False,
+                         compute_units=("CPU_ONLY",))
+    assert report.compression.empty and (report.layers.compression == "").all()
+    assert not report.culprits()["reason"].str.contains("compressed weights").any()
