@@ -14,7 +14,9 @@ Column reference (stable; notebooks and users rely on them):
     its storage dtype), torch_rel_err (FP32 program vs torch at module outputs: translation
     error), inputs (input var names), reference (matched FP32-program var, None if none),
     int_mismatch_frac (integer outputs such as top-k indices: fraction that differs from the
-    reference), int_mismatch_onset (they start to differ here while integer inputs agree).
+    reference), int_mismatch_onset (they start to differ here while integer inputs agree),
+    compression (the compression of the weights the op reads, e.g. "palettize 4-bit per_tensor";
+    "" for an op reading none).
 ``outputs`` - one row per (compute unit, model output): compute_unit, runtime, output, shape,
     the metrics of :mod:`coreml_lab.metrics` against torch FP32 (max_abs_err, mean_abs_err,
     rel_err, snr_db, psnr_db, cosine, nonfinite_frac, top1_agree, elements) and against the
@@ -35,7 +37,7 @@ Column reference (stable; notebooks and users rely on them):
     words), mode, nbits, granularity, block, sparsity, weight_snr_db, weight_max_abs_err (against
     the uncompressed weight), local_rel_err (the consuming op alone, its compressed weights
     included), upstream_rel_err (the error arriving at its other inputs), rel_err, index
-    (see :mod:`coreml_lab.compression_report`); ``layers`` then has a ``compression`` column.
+    (see :mod:`coreml_lab.compression_report`).
 ``culprits(n)`` - see :meth:`Report.culprits`.
 """
 
@@ -61,7 +63,7 @@ class Report:
                      "device", "shape", "max_abs", "max_abs_err", "mean_abs_err", "rel_err", "snr_db", "psnr_db",
                      "cosine", "nonfinite_frac", "nonfinite_onset", "local_max_abs_err", "local_rel_err",
                      "local_snr_db", "torch_rel_err", "inputs", "reference", "int_mismatch_frac",
-                     "int_mismatch_onset"]
+                     "int_mismatch_onset", "compression"]
     OUTPUT_COLUMNS = ["compute_unit", "runtime", "output", "shape", "max_abs_err", "mean_abs_err", "rel_err",
                       "snr_db", "psnr_db", "cosine", "nonfinite_frac", "top1_agree", "elements",
                       "golden_max_abs_err", "golden_rel_err"]
@@ -308,6 +310,10 @@ class Report:
 
     def plot_compute_unit_divergence(self, **kw):
         return _plots().compute_unit_divergence(self, **kw)
+
+    def plot_compression(self, **kw):
+        """Per compressed layer: its local error beside what arrives from upstream, and its weight SNR."""
+        return _plots().compression(self, **kw)
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
         return "<pre>" + html.escape(self.summary()) + "</pre>"

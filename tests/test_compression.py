@@ -246,6 +246,9 @@ def test_diagnosis_blames_the_outlier_layers_compression(sample, spec, target):
     assert top.module == sample_models.compression_outlier.OUTLIER_LAYER
     assert top.reason.startswith(f"compressed weights: {mode}") and "weight SNR" in top.reason
     assert "find_uncompressed_ops" in report.summary()
+    fig = report.plot_compression()  # a bar per (layer, unit) of local error, a weight-SNR bar per layer
+    assert len(fig.axes[0].patches) == 4 * len(UNITS) and len(fig.axes[1].patches) == 4
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == list(cpu.index)
 
 
 def test_uncompressed_diagnosis_has_an_empty_compression_table(sample):
@@ -254,3 +257,4 @@ def test_uncompressed_diagnosis_has_an_empty_compression_table(sample):
                          compute_units=("CPU_ONLY",))
     assert report.compression.empty and (report.layers.compression == "").all()
     assert not report.culprits()["reason"].str.contains("compressed weights").any()
+    assert "no compressed weights" in report.plot_compression().axes[0].texts[0].get_text()
