@@ -1,9 +1,9 @@
 """ipywidgets panels: pick conversion options, convert and diagnose, read the dashboard.
 
 ``lab(...)`` returns a :class:`Lab`: an options panel (model, precision incl. mixed with the
-op types to keep in FP32, deployment target, convert_to, compute units, runtime) with a
-"Convert and diagnose" button, and a dashboard with tabs - Summary, Per-layer error,
-Histograms, FP16 range, Compute units, Messages, Fixes. Errors raised while converting or
+op types to keep in FP32, deployment target, convert_to, compute units, runtime, weight
+compression) with a "Convert and diagnose" button, and a dashboard with tabs - Summary,
+Per-layer error, Histograms, FP16 range, Compute units, Compression, Messages, Fixes. Errors raised while converting or
 running are shown in the panel (with their explanation where one is known), never swallowed.
 Everything the button does is also callable (``Lab.run()``), so a notebook renders its
 results without a click.
@@ -19,12 +19,16 @@ from IPython.display import display
 
 import sample_models
 
+from .compression import SPEC_FORMS
 from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
 from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
 
 YOUR_MODEL = "(your model)"
-TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Messages", "Fixes")
+YOUR_CONFIG = "(your config)"
+NO_COMPRESSION = "none"
+TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Compression", "Messages",
+        "Fixes")
 
 
 def _error_html(exc: BaseException) -> str:
@@ -58,6 +62,14 @@ class Lab:
         self.compute_units = W.SelectMultiple(options=[u for u in units if u in COMPUTE_UNITS],
                                               value=list(DEFAULT_COMPUTE_UNITS), description="Units", rows=4)
         self.runtime = W.Dropdown(options=["auto", "emulator", "coreml"], value="auto", description="Runtime")
+        # weight compression after conversion (ConversionOptions(compression=...)): the short specs,
+        # or the OptimizationConfig the panel was opened with
+        self._own_compression = opts.compression if opts.compression is not None and \
+            opts.compression.spec not in SPEC_FORMS else None
+        compressions = [NO_COMPRESSION, *SPEC_FORMS] + ([YOUR_CONFIG] if self._own_compression is not None else [])
+        current = NO_COMPRESSION if opts.compression is None else (
+            YOUR_CONFIG if self._own_compression is not None else opts.compression.spec)
+        self.compression = W.Dropdown(options=compressions, value=current, description="Compression")
         self.button = W.Button(description="Convert and diagnose", button_style="primary", icon="play",
                                layout=W.Layout(width="220px"))
         self.status = W.HTML(value="")
@@ -68,6 +80,7 @@ class Lab:
             self.tabs.set_title(i, t)
         self.report = None
         self.fix = None
+        self.compression_fix = None
         self.button.on_click(lambda _: self.run())
         self.model_choice.observe(lambda _: self._refresh_op_types(), names="value")
         self.precision.observe(lambda _: self._sync_mixed(), names="value")
@@ -75,7 +88,7 @@ class Lab:
         self._refresh_op_types()
         options_box = W.VBox([
             W.HBox([self.model_choice, self.target, self.convert_to]),
-            W.HBox([self.precision, self.runtime]),
+            W.HBox([self.precision, self.runtime, self.compression]),
             W.HBox([self.compute_units, self.fp32_ops]),
             W.HBox([self.button, self.status]),
         ])
@@ -109,9 +122,11 @@ class Lab:
 
     def options(self) -> ConversionOptions:
         mixed = self.precision.value == "mixed"
+        compression = {NO_COMPRESSION: None, YOUR_CONFIG: self._own_compression}.get(self.compression.value,
+                                                                                   self.compression.value)
         return ConversionOptions(precision=self.precision.value, fp32_ops=tuple(self.fp32_ops.value) if mixed else (),
                                  target=self.target.value, convert_to=self.convert_to.value,
-                                 compute_units="ALL")
+                                 compute_units="ALL", compression=compression)
 
     # ------------------------------------------------------------------ actions
     def run(self):
@@ -158,6 +173,28 @@ class Lab:
                            f"<pre>{html.escape(self.fix.snippet)}</pre>"))
         return self.fix
 
+    def find_uncompressed(self, tolerance: float = 2e-2, time_budget: float = 120.0):
+        """Search the compressed layers to leave uncompressed (verified), show it in the Compression tab."""
+        from .compression_fix import find_uncompressed_ops
+
+        out = self.tabs.children[TABS.index("Compression")]
+        try:
+            model, inputs = self._model()
+            with self.progress:
+                self.compression_fix = find_uncompressed_ops(model, inputs, self.options(), tolerance=tolerance,
+                                                             time_budget=time_budget)
+        except Exception as exc:
+            self.error.value = _error_html(exc)
+            raise
+        finally:
+            self.progress.clear_output()
+        fix = self.compression_fix
+        with out:
+            display(W.HTML(f"<p><b>{html.escape(fix.message)}</b></p>"))
+            display(fix.plot_sensitivity())
+            display(W.HTML(f"<pre>{html.escape(fix.snippet)}</pre>"))
+        return fix
+
     # ------------------------------------------------------------------ dashboard
     def _fill(self, report) -> None:
         import matplotlib
@@ -181,6 +218,8 @@ class Lab:
                     display(report.plot_fp16_range())
                 with outs["Compute units"]:
                     display(report.plot_compute_unit_divergence())
+                with outs["Compression"]:
+                    self._fill_compression(report)
         with outs["Messages"]:
             rows = [f"<li><code>{html.escape(m.text[:300])}</code>"
                     + (f"<br/><b>{html.escape(m.explanation.title)}</b>: {html.escape(m.explanation.fix)}"
@@ -196,6 +235,20 @@ class Lab:
             button = W.Button(description="Find FP32 ops (verified)", icon="wrench")
             button.on_click(lambda _: self.find_fix())
             display(button)
+
+
+    def _fill_compression(self, report) -> None:
+        table = report.compression
+        if table is None or not len(table):
+            display(W.HTML("<i>no compressed weights: pick a compression in the panel</i>"))
+            return
+        display(report.plot_compression())
+        display(table[["compute_unit", "op", "module", "compression", "weight_snr_db", "weight_max_abs_err",
+                       "local_rel_err", "upstream_rel_err", "rel_err"]])
+        button = W.Button(description="Find layers to leave uncompressed (verified)", icon="wrench",
+                          layout=W.Layout(width="340px"))
+        button.on_click(lambda _: self.find_uncompressed())
+        display(button)
 
 
 class _ReportError(Exception):
