@@ -8,6 +8,7 @@ import warnings
 import coremltools as ct
 import coremltools.optimize.coreml as cto
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -258,3 +259,44 @@ def test_uncompressed_diagnosis_has_an_empty_compression_table(sample):
     assert report.compression.empty and (report.layers.compression == "").all()
     assert not report.culprits()["reason"].str.contains("compressed weights").any()
     assert "no compressed weights" in report.plot_compression().axes[0].texts[0].get_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,target,mode,op_type", MODES)
+def test_every_mode_end_to_end_diagnose_culprits_sensitivity_verified_fix(sample, spec, target, mode, op_type):
+    """compress -> diagnose -> culprits -> sensitivity -> fix -> the fix diagnosed again."""
+    model, x, _ = sample
+    units, tolerance = ("CPU_ONLY", "CPU_AND_NE"), 0.05
+    opts = cl.ConversionOptions(precision="fp16", target=target, compression=spec)
+    report = cl.diagnose(model, x, opts, compute_units=units, progress=False)
+    table = report.compression[report.compression.compute_unit == "CPU_AND_NE"].set_index("module")
+    assert len(table) == 4 and set(table["mode"]) == {mode} and op_type in report.layers.op_type.values
+    assert table.weight_snr_db.notna().all() and table.local_rel_err.notna().all()
+    culprits = report.culprits(4)
+    assert culprits.reason.iloc[0].startswith(f"compressed weights: {mode}")
+    outlier = sample_models.compression_outlier.OUTLIER_LAYER
+    others = table.local_rel_err.drop(outlier).median()
+    if "prune" in mode:  # magnitude pruning keeps the outlier channel: blocks.2 is no worse than the rest
+        assert table.local_rel_err[outlier] < 2 * others
+    else:
+        assert culprits.module.iloc[0] == outlier and table.local_rel_err[outlier] > 2 * others
+    fix = cl.find_uncompressed_ops(model, x, opts, tolerance=tolerance, compute_units=units, progress=False,
+                                   time_budget=120)
+    assert fix.found, fix.message
+    assert len(fix.sensitivity) == 4 and fix.sensitivity.error_alone.notna().all()
+    fixed = cl.diagnose(model, x, opts.replace(compression=fix.config), compute_units=units, progress=False)
+    assert fixed.outputs.rel_err.max() <= tolerance < report.outputs.rel_err.max()
+    assert set(fixed.compression.op).isdisjoint(fix.ops)
+
+
+def test_a_saved_compressed_diagnosis_keeps_its_compression_table_and_culprits(sample, tmp_path):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(target="iOS18", compression="int8-per-tensor"),
+                         compute_units=("CPU_ONLY",), progress=False)
+    back = cl.load_report(report.save(tmp_path / "run.zip"))
+    pd_cols = ["op", "module", "compression", "weight_snr_db", "local_rel_err"]
+    pd.testing.assert_frame_equal(back.compression[pd_cols].reset_index(drop=True),
+                                  report.compression[pd_cols].reset_index(drop=True), check_dtype=False)
+    assert back.options.compression == report.options.compression
+    assert list(back.culprits(3).reason) == list(report.culprits(3).reason)
+    assert back.culprits(1).reason.iloc[0].startswith("compressed weights: quantize 8-bit per_tensor")
