@@ -300,3 +300,7 @@ def test_a_saved_compressed_diagnosis_keeps_its_compression_table_and_culprits(s
     assert back.options.compression == report.options.compression
     assert list(back.culprits(3).reason) == list(report.culprits(3).reason)
     assert back.culprits(1).reason.iloc[0].startswith("compressed weights: quantize 8-bit per_tensor")
+    page = back.to_html()  # the shared page shows them too
+    assert "<h2>Compressed weights</h2>" in page and "quantize 8-bit per_tensor" in page
+    assert "<h2>Compressed weights</h2>" not in cl.diagnose(model, x, compute_units=("CPU_ONLY",),
+                                                             progress=False).to_html()
