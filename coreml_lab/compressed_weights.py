@@ -154,6 +154,18 @@ def _original_weights(program) -> dict:
     return out
 
 
+def original_of(compressed_program, original_program, paired: dict | None = None) -> dict:
+    """Compressed weight var name -> its uncompressed value in ``original_program`` (the same model
+    converted without compression); ``paired`` as in :func:`describe`. Weights not found are left out."""
+    orig = _original_weights(original_program)
+    out = {}
+    for e in compressed_weights(compressed_program):
+        w = orig.get(((paired or {}).get(e["op"], e["op"]), e["input"]))
+        if w is not None:
+            out[e["weight"]] = w
+    return out
+
+
 def decompressed_values(program) -> dict:
     """Var name -> the weight coremltools' own decompression materialises.
 
@@ -239,4 +251,4 @@ def _module_of(layer_map, op) -> str:
     return layer_map.op_module(op) or ""
 
 
-__all__ = ["describe", "compressed_weights", "decompressed_values", "weight_error"]
+__all__ = ["describe", "compressed_weights", "decompressed_values", "weight_error", "original_of"]

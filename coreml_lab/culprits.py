@@ -121,8 +121,10 @@ def _compressed(row, c: Context) -> list:
 
 def _compressed_reason(row, c: Context, w) -> str:
     snr = "" if w.weight_snr_db != w.weight_snr_db else f", weight SNR {w.weight_snr_db:.0f} dB"
+    plain = getattr(w, "uncompressed_local_rel_err", math.nan)
+    plain = "" if plain != plain else f"{plain:.2g} with its weights uncompressed; "
     return (f"compressed weights: {w.compression}{snr}, local error {row.local_rel_err:.2g} "
-            f"(rel err {c.worst_input_error(row):.2g} arrives from upstream)")
+            f"({plain}rel err {c.worst_input_error(row):.2g} arrives from upstream)")
 
 
 def _growth(row, c: Context) -> list:

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import runtime as rt
-from .compression_report import compression_table, mark_layers
+from .compression_report import compression_table, mark_layers, original_weights
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import Lockstep, var_input_names
 from .emulator.profiles import PROFILES, get_profile, profile_label
@@ -134,6 +134,9 @@ class Diagnosis:
         self.stats = Statistics(cus, self.pairing, output_names, conv32.program)
         self._double = None  # FP64 twin of the torch model, made once
         self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
+        #: compressed weights' original values; the local errors of their ops re-run with them
+        self.originals = original_weights(conv, conv32, self.pairing) if local else {}
+        self.uncompressed_local: dict = {}
 
     def run(self, feeds_list: list[dict], progress: bool) -> Report:
         ref = _emulated(self.conv32.mlmodel, "CPU_ONLY", self.pairing.ref_map.op_module)
@@ -167,7 +170,8 @@ class Diagnosis:
             bar.update(len(self.cus))
         bar.close()
         report = Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list))
-        report.compression = compression_table(report.layers, self.conv, self.conv32, self.pairing)
+        report.compression = compression_table(report.layers, self.conv, self.conv32, self.pairing,
+                                               self.uncompressed_local)
         report.layers = mark_layers(report.layers, report.compression)
         return report
 
@@ -203,7 +207,8 @@ class Diagnosis:
         interps = {cu: m.interpreter for cu, m in devs.items()}
         bad_consts = steps_with_nonfinite_consts(next(iter(interps.values())))
         lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of, reuse=self.reuse)
-        local = LocalErrors(stats, interps, reuse=self.reuse) if self.local else None
+        local = LocalErrors(stats, interps, reuse=self.reuse, originals=self.originals,
+                            uncompressed=self.uncompressed_local) if self.local else None
         run = RunState.of(self.cus)
 
         def on_step(index, step, values, refs):

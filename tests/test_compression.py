@@ -236,6 +236,8 @@ def test_diagnosis_blames_the_outlier_layers_compression(sample, spec, target):
     # every compressed layer's local error is measured (the decompressed weight enters the re-run)
     assert cpu.local_rel_err.notna().all() and (cpu.local_rel_err > 1e-3).all()
     assert cpu.local_rel_err.idxmax() == sample_models.compression_outlier.OUTLIER_LAYER
+    # compression error separated from precision error: the same ops re-run with their original weights
+    assert (table.uncompressed_local_rel_err < 2e-3).all() and (table.local_rel_err > 3 * table.uncompressed_local_rel_err).all()
     assert cpu.loc["blocks.0", "upstream_rel_err"] < 1e-3 < cpu.loc["blocks.3", "upstream_rel_err"]
     # the layer rows of compressed ops carry the mode; the others do not
     layers = report.layers[report.layers.compute_unit == "CPU_ONLY"]
@@ -246,6 +248,7 @@ def test_diagnosis_blames_the_outlier_layers_compression(sample, spec, target):
     top = report.culprits(3).iloc[0]
     assert top.module == sample_models.compression_outlier.OUTLIER_LAYER
     assert top.reason.startswith(f"compressed weights: {mode}") and "weight SNR" in top.reason
+    assert "with its weights uncompressed" in top.reason
     assert "find_uncompressed_ops" in report.summary()
     fig = report.plot_compression()  # a bar per (layer, unit) of local error, a weight-SNR bar per layer
     assert len(fig.axes[0].patches) == 4 * len(UNITS) and len(fig.axes[1].patches) == 4

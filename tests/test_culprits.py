@@ -106,6 +106,10 @@ def test_compressed_weights_names_the_mode_and_ranks_by_local_error():
     assert reason == ("compressed weights: palettize 4-bit per_tensor, weight SNR 18 dB, local error 0.12 "
                       "(rel err 0.03 arrives from upstream)")
     assert score == pytest.approx(500 + 10 * math.log10(12))
+    # with the precision's share measured (the op re-run with its original weights) the reason says it
+    measured = RULE["compressed_weights"].apply(layer(op_type="linear", inputs="x", local_rel_err=0.12), Context(
+        TOL, {}, {}, {("CPU_AND_NE", "x"): 0.03}, {"op_1": [w._replace(uncompressed_local_rel_err=0.0004)]}))
+    assert "local error 0.12 (0.0004 with its weights uncompressed; rel err 0.03 arrives" in measured[0][1]
     [(worse, _)] = RULE["compressed_weights"].apply(layer(op_type="linear", local_rel_err=0.5), ctx)
     assert worse > score  # the layer whose compression costs more ranks first
     assert 500 < score < worse <= 590  # its band: below flush_to_zero, above local_error
