@@ -260,8 +260,9 @@ def compute_unit_divergence(report, max_rows: int = 40) -> Figure:
 
 
 def compression(report, tolerance: float = 1e-2) -> Figure:
-    """Per compressed layer: the error its compressed weights add (local) beside the error that arrives from
-    upstream, per compute unit, and its weight SNR; from ``report.compression``."""
+    """Per compressed layer: the error its compressed weights add (local; a dash: the same op with its
+    weights uncompressed, the precision's share) beside the error that arrives from upstream, per
+    compute unit, and its weight SNR; from ``report.compression``."""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     table = getattr(report, "compression", None)
     if table is None or not len(table):
@@ -277,13 +278,18 @@ def compression(report, tolerance: float = 1e-2) -> Figure:
         rows = table[table.compute_unit == cu].drop_duplicates("op").set_index("op").reindex(layers)
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, rows.local_rel_err, width * 0.9, color=_color(cu), label=f"{cu}: added here (local)")
+        plain = rows.uncompressed_local_rel_err.to_numpy(float) if "uncompressed_local_rel_err" in rows else pos * np.nan
+        has = np.isfinite(plain) & (plain > 0)
+        ax.scatter(pos[has], plain[has], marker="_", color="black", s=120, zorder=3,
+                   label="same op, weights uncompressed" if i == 0 else None)
         up = rows.upstream_rel_err.to_numpy(float)
         shown = up > 0  # nothing arrives at the first layer: no marker on a log axis
         ax.scatter(pos[shown], up[shown], marker="v", color="black", s=18, zorder=3,
                    label="arrives from upstream" if i == 0 else None)
     ax.axhline(tolerance, color="#7f7f7f", ls="--", lw=1, label=f"tolerance {tolerance:g}")
     ax.set_yscale("log")
-    values = np.concatenate([table.local_rel_err.to_numpy(float), table.upstream_rel_err.to_numpy(float), [tolerance]])
+    columns = [c for c in ("local_rel_err", "upstream_rel_err", "uncompressed_local_rel_err") if c in table]
+    values = np.concatenate([table[c].to_numpy(float) for c in columns] + [[tolerance]])
     values = values[np.isfinite(values) & (values > 0)]
     ax.set_ylim(values.min() / 3, values.max() * 3)
     ax.set_xticks(x)
@@ -291,7 +297,7 @@ def compression(report, tolerance: float = 1e-2) -> Figure:
     ax.set_ylabel("relative error")
     kinds = ", ".join(dict.fromkeys(table["compression"]))
     ax.set_title(f"What each layer's compressed weights add ({kinds})", fontsize=9)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=5)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=3)
     snr = table.drop_duplicates("op").set_index("op").reindex(layers)
     ax_snr.barh(names, snr.weight_snr_db.fillna(0), color="#7f7f7f")
     ax_snr.invert_yaxis()
