@@ -34,7 +34,7 @@ from .options import ConversionOptions
 FORMAT = "coreml_lab-bundle"
 VERSION = 1
 TABLES = ("layers", "outputs", "fp16_range", "references", "first_nonfinite", "divergence", "torch_layers",
-          "compression")
+          "steps", "compression")
 FILES = ("tables.npz", "histograms.npz", "runs.npz", "summary.txt")
 
 
@@ -295,6 +295,7 @@ def read_bundle(path) -> dict:
         first_nonfinite=frames.get("first_nonfinite", pd.DataFrame()),
         divergence=frames.get("divergence", pd.DataFrame()), torch_layers=frames.get("torch_layers", pd.DataFrame()),
         compression=frames.get("compression", pd.DataFrame()),
+        **({"steps": frames["steps"]} if "steps" in frames else {}),
         histograms=histograms, options=opts, compute_units=manifest.get("compute_units", []),
         runtime=manifest.get("runtime", "emulator"), n_inputs=manifest.get("n_inputs", 0),
         messages=[Message.from_dict(_json_restore(m)) for m in manifest.get("messages", [])],

@@ -99,11 +99,23 @@ def _worst(report) -> float:
     return float(rows.rel_err.max())
 
 
+def _with_ne_chip(units: list[str], chip: str | None) -> list:
+    """The compute units, with CPU_AND_NE / ALL modelling the Neural Engine of ``chip`` when given."""
+    if not chip:
+        return units
+    from .emulator import ne_profile
+
+    try:
+        return [ne_profile(chip, u) if u.upper() in ("CPU_AND_NE", "ALL") else u for u in units]
+    except ValueError as exc:
+        raise UsageError(f"--ne-chip: {exc}") from exc
+
+
 def cmd_diagnose(args) -> int:
     import coreml_lab as cl
 
     model, example = _load_model(args.model, args.input)
-    units = [u for u in args.compute_units.split(",") if u]
+    units = _with_ne_chip([u for u in args.compute_units.split(",") if u], args.ne_chip)
     try:
         report = cl.diagnose(model, example, _options(args), compute_units=units, runtime=args.runtime,
                              progress=not args.quiet)
@@ -187,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="convert, run every compute unit, report where precision is lost")
     _add_model_args(p)
     p.add_argument("--compute-units", default="CPU_ONLY,CPU_AND_GPU,CPU_AND_NE")
+    p.add_argument("--ne-chip", default=None, metavar="CHIP",
+                   help="Neural Engine generation CPU_AND_NE / ALL model: M1 (M1, A14) or M5 (A15 and later, "
+                        "the default); emulator only")
     p.add_argument("--runtime", default="auto", help="auto | emulator | coreml")
     p.add_argument("--tolerance", type=float, default=1e-2, help="gate on the worst output relative error")
     p.add_argument("--html", help="write a self-contained HTML report here")

@@ -40,6 +40,7 @@ from .options import ConversionOptions, as_options
 from .pairing import ProgramPairing, pair_programs, reference_key
 from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
 from .report import Report
+from .states import StepStates, check_steps, preserved_buffers
 from .statistics import RunState, Statistics, StepInfo, StepState, steps_with_nonfinite_consts
 
 __all__ = ["diagnose", "Diagnosis", "DEFAULT_COMPUTE_UNITS", "dataset", "pair_programs", "reference_key"]
@@ -50,7 +51,7 @@ DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 def diagnose(model, example_inputs=None, options: ConversionOptions | dict | None = None,
              compute_units: Sequence[str] = DEFAULT_COMPUTE_UNITS, runtime: str = "auto",
              inputs: Iterable[dict] | None = None, progress: bool = True, local: bool = True, *,
-             reuse: bool = True) -> Report:
+             reuse: bool = True, steps: Sequence[dict] | None = None) -> Report:
     """Diagnose ``model`` converted with ``options`` on each compute unit; returns a :class:`Report`.
 
     ``model`` may also be a :class:`~.convert.Conversion` from :func:`~.convert.convert`: it is
@@ -62,6 +63,13 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     (or a unit and the reference) compute identically: the same numbers, slower (the tests
     compare both). A model that fails to convert gives a Report carrying the error and its
     explanation.
+
+    ``steps``: a list of input dicts, one per decoding step, run in order: torch steps its own
+    buffers (KV caches), every unit and the reference program their own Core ML state
+    (``make_state()``, from zeros; torch's state buffers start from zeros too). The Report then
+    also has ``steps`` (per step, unit and output / state / layer) and ``first_bad_step``. A
+    model without state works too: steps are then simply ordered inputs. Without ``steps``, each
+    input of a stateful model is a first step from an empty state.
     """
     if not list(compute_units):
         raise ValueError("compute_units is empty: give at least one of CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL")
@@ -108,8 +116,20 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         raise ValueError("this model is not an ML Program: diagnose needs convert_to='mlprogram'")
     if conv.example_inputs is None:
         raise ValueError("diagnosing a loaded .mlpackage needs example inputs (its input names and shapes)")
-    feeds = dataset(inputs, conv.example_inputs)
-    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse).run(feeds, progress)
+    if steps is not None:
+        if inputs is not None:
+            raise ValueError("pass either inputs= (independent inputs, statistics aggregated) or steps= (decoding "
+                             "steps in order, state carried from one to the next), not both")
+        if isinstance(steps, dict) or not isinstance(steps, Sequence) or not steps:
+            raise ValueError("steps must be a non-empty list of input dicts, one per decoding step; the model's "
+                             f"inputs are {conv.example_inputs.describe()}")
+        if kind == "coreml":  # pragma: no cover - macOS only
+            raise ValueError("a steps= diagnosis runs on the emulator: pass runtime='emulator'")
+        feeds = dataset(steps, conv.example_inputs, what="steps")
+    else:
+        feeds = dataset(inputs, conv.example_inputs)
+    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse).run(feeds, progress,
+                                                                              stepwise=steps is not None)
 
 
 
@@ -138,16 +158,29 @@ class Diagnosis:
         self.originals = original_weights(conv, conv32, self.pairing) if local else {}
         self.uncompressed_local: dict = {}
 
-    def run(self, feeds_list: list[dict], progress: bool) -> Report:
+    def run(self, feeds_list: list[dict], progress: bool, stepwise: bool = False) -> Report:
         ref = _emulated(self.conv32.mlmodel, "CPU_ONLY", self.pairing.ref_map.op_module)
         devs = {}
         if self.kind == "emulator":
             devs = {cu: _emulated(self.conv.mlmodel, self.profiles[cu], self.pairing.layer_map.op_module)
                     for cu in self.cus}
+        if stepwise:
+            check_steps(feeds_list, ref)
+        states = StepStates.of(ref, devs, self.torch_model, self.conv)
+        if states is not None and self.kind != "emulator":  # pragma: no cover - macOS only
+            raise ValueError("stateful models are diagnosed on the emulator: pass runtime='emulator'")
+        with preserved_buffers(self.torch_model):
+            return self._run(feeds_list, progress, stepwise, ref, devs, states)
+
+    def _run(self, feeds_list, progress, stepwise, ref, devs, states) -> Report:
         bar = tqdm(total=len(feeds_list) * max(len(self.cus), 1), desc="diagnose", unit="run",
                    disable=not progress)
         module_outputs = set(self.pairing.module_vars.values())
-        for feeds in feeds_list:
+        for step, feeds in enumerate(feeds_list):
+            if states is not None and (step == 0 or not stepwise):
+                states.reset()  # a stateful model starts from empty states (each input, or the first step)
+            if stepwise:
+                self.stats.begin_step()
             golden = torch_run = None
             tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
             if tensors is not None:
@@ -157,19 +190,24 @@ class Diagnosis:
                 if tensors is not None:
                     # torch FP32 drives the reference program and the units: module outputs as they come
                     pump = TorchPump(self.torch_model, tensors, module_outputs)
-                    ref_outs, dev_outs = pump.run(self._lockstep(ref, devs, feeds, pump))
+                    ref_outs, dev_outs = pump.run(self._lockstep(ref, devs, feeds, pump, states))
                     torch_run = pump.outputs
                 else:
-                    ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None))
+                    ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None, states))
             else:  # Core ML (macOS; tests/test_runtime.py runs it with test doubles)
                 if tensors is not None:
                     torch_run = run_torch(self.torch_model, tensors, module_outputs)
                 ref_outs, dev_outs = self._measured(ref, feeds, torch_run)
             self.stats.compare_outputs(ref_outs, dev_outs, torch_run, golden, onnx_out)
+            if states is not None and stepwise:
+                self.stats.compare_states(states.units, states.want())
+            if stepwise:
+                self.stats.end_step(step)
             self.stats.record_run(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
         bar.close()
-        report = Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list))
+        report = Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list),
+                                        profiles=self.profiles)
         report.compression = compression_table(report.layers, self.conv, self.conv32, self.pairing,
                                                self.uncompressed_local)
         report.layers = mark_layers(report.layers, report.compression)
@@ -193,7 +231,7 @@ class Diagnosis:
                                      "golden columns are empty")
                 return None
 
-    def _lockstep(self, ref, devs, feeds, torch_run):
+    def _lockstep(self, ref, devs, feeds, torch_run, states=None):
         """Generator: one input through the reference and every unit in lockstep, measured as it goes."""
         stats = self.stats
         ref_feeds = ref.prepare_inputs(feeds)
@@ -204,6 +242,10 @@ class Diagnosis:
             if isinstance(r, torch.Tensor) and isinstance(value, torch.Tensor) and r.dtype == value.dtype \
                     and r.shape == value.shape and torch.equal(r, value):
                 dev_feeds[name] = r
+        unit_feeds = None
+        if states is not None:  # each run its own state buffers, updated in place by the program
+            ref_feeds.update(states.reference)
+            unit_feeds = states.units
         interps = {cu: m.interpreter for cu, m in devs.items()}
         bad_consts = steps_with_nonfinite_consts(next(iter(interps.values())))
         lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of, reuse=self.reuse)
@@ -225,7 +267,7 @@ class Diagnosis:
         def on_reference(_step, name, value):
             return stats.on_reference(name, value, torch_run)
 
-        return (yield from lock.run(ref_feeds, dev_feeds, on_step, on_reference))
+        return (yield from lock.run(ref_feeds, dev_feeds, on_step, on_reference, unit_feeds=unit_feeds))
 
     def _measured(self, ref, feeds, torch_run):
         """Core ML runs: outputs and the intermediates Core ML returns, against the reference run."""

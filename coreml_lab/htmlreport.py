@@ -8,6 +8,8 @@ import io
 
 import pandas as pd
 
+from .environment import FACTS_DOC, facts_rows
+
 
 def _figure(fig) -> str:
     buf = io.BytesIO()
@@ -22,12 +24,30 @@ def _table(df: pd.DataFrame, columns=None, max_rows: int = 60) -> str:
     return view.head(max_rows).to_html(index=False, float_format=lambda x: f"{x:.3g}", border=0, classes="t")
 
 
+def _profiles(env: dict) -> list[str]:
+    """The environment's device profiles: which profile and variant modelled each unit, and the
+    facts they encode with their sources and chips."""
+    units = env.get("compute_units") or {}
+    if not units:
+        return []
+    items = "".join(f"<li>{html.escape(label)}: profile {html.escape(str(p.get('profile')))}"
+                    + (f", Neural Engine generation {html.escape(str(p['variant']))} "
+                       f"({html.escape(str(p.get('chip_generation')))})" if p.get("variant") else "")
+                    + "</li>" for label, p in units.items())
+    facts = pd.DataFrame(facts_rows(env), columns=["fact", "statement", "source", "chips", "compute_units"])
+    return ["<h2>Device profiles</h2>", f"<ul>{items}</ul>",
+            f"<p>Facts the profiles encode (all of them, with the sources' names: {html.escape(FACTS_DOC)}):</p>",
+            _table(facts, max_rows=200)]
+
+
 def render(report, title: str = "coreml_lab diagnosis") -> str:
     """The page: verdict, outputs, culprits, compressed weights, figures, FP16 range, messages, environment."""
     parts = [f"<h1>{html.escape(title)}</h1>", f"<pre>{html.escape(report.summary())}</pre>"]
     env = report.environment or {}
     if env:
-        parts.append("<p>" + html.escape(", ".join(f"{k}: {v}" for k, v in env.items())) + "</p>")
+        plain = {k: v for k, v in env.items() if k != "compute_units"}
+        parts.append("<p>" + html.escape(", ".join(f"{k}: {v}" for k, v in plain.items())) + "</p>")
+        parts += _profiles(env)
     if report.ok:
         parts += ["<h2>Outputs</h2>", _table(report.outputs, ["compute_unit", "output", "max_abs_err", "mean_abs_err",
                                                                "rel_err", "snr_db", "nonfinite_frac", "top1_agree"])]

@@ -29,7 +29,9 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     Matched by structure, not names (coremltools names the same op differently at FP16 and
     FP32): walking the dev program in order, an op matches the first unmatched reference op
     of the same type whose non-constant inputs are the matches of its own inputs. A precision
-    cast the reference does not have is transparent (its output matches its input's match).
+    cast only one side has is transparent: the diagnosed program's (its output matches its
+    input's match) and the reference's (an FP32 program writing an FP16 Core ML state casts
+    there; an FP16 program does not).
     Ops left unmatched fall back to name matching. Top-level ops only (a loop is one op, as it
     is one step of the interpreter).
     """
@@ -39,12 +41,17 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     match: dict[str, str] = {n: n for n in dev_f.inputs if n in ref_inputs}
     index: dict = defaultdict(list)
     ref_names = set(ref_inputs)
+    alias: dict[str, str] = {}  # reference cast output -> the var it casts (followed through chains)
     for op in walk_ops(ref_f, nested=False):
-        index[(op.op_type, _input_signature(op, None))].append(op)
+        if op.op_type == "cast":
+            src = op.inputs["x"].name
+            alias[op.outputs[0].name] = alias.get(src, src)
+    for op in walk_ops(ref_f, nested=False):
+        index[(op.op_type, _input_signature(op, None, alias))].append(op)
         ref_names.update(v.name for v in op.outputs)
     used = set()
     for op in walk_ops(dev_f, nested=False):
-        sig = _input_signature(op, match)
+        sig = _input_signature(op, match, alias)
         candidates = [c for c in index.get((op.op_type, sig), []) if id(c) not in used] if sig is not None else []
         if candidates:
             ref_op = candidates[0]
@@ -61,17 +68,18 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     return match
 
 
-def _input_signature(op, match):
-    """(input name, matched var name or "const") for every input; None if an input has no match."""
+def _input_signature(op, match, alias):
+    """(input name, matched var name or "const") for every input, reference casts seen through (``alias``);
+    None if an input has no match."""
     sig = []
     for pname, v in sorted(op.inputs.items()):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
             if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
                 sig.append((pname, "const"))  # a compressed weight (constexpr_*) is a constant too
             elif match is None:
-                sig.append((pname, x.name))
+                sig.append((pname, alias.get(x.name, x.name)))
             elif x.name in match:
-                sig.append((pname, match[x.name]))
+                sig.append((pname, alias.get(match[x.name], match[x.name])))
             else:
                 return None
     return tuple(sig)

@@ -22,6 +22,7 @@ import sample_models
 from .compression import SPEC_FORMS
 from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
+from .emulator.profiles import DEFAULT_NE_GENERATION, NE_GENERATIONS, ne_profile
 from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
 
 YOUR_MODEL = "(your model)"
@@ -70,6 +71,11 @@ class Lab:
         current = NO_COMPRESSION if opts.compression is None else (
             YOUR_CONFIG if self._own_compression is not None else opts.compression.spec)
         self.compression = W.Dropdown(options=compressions, value=current, description="Compression")
+        # the Neural Engine generation the emulated CPU_AND_NE / ALL model (profiles.NE_GENERATIONS)
+        self.ne_chip = W.Dropdown(
+            options=[(f"{g.name}: {g.chips}" + (" (default)" if g.name == DEFAULT_NE_GENERATION else ""), g.name)
+                     for g in NE_GENERATIONS.values()],
+            value=DEFAULT_NE_GENERATION, description="NE chip", layout=W.Layout(width="420px"))
         self.button = W.Button(description="Convert and diagnose", button_style="primary", icon="play",
                                layout=W.Layout(width="220px"))
         self.status = W.HTML(value="")
@@ -88,12 +94,20 @@ class Lab:
         self._refresh_op_types()
         options_box = W.VBox([
             W.HBox([self.model_choice, self.target, self.convert_to]),
-            W.HBox([self.precision, self.runtime, self.compression]),
+            W.HBox([self.precision, self.runtime, self.ne_chip]),
+            W.HBox([self.compression]),
             W.HBox([self.compute_units, self.fp32_ops]),
             W.HBox([self.button, self.status]),
         ])
         self.widget = W.VBox([W.HTML("<h3 style='margin:0'>coreml_lab</h3>"), options_box, self.error,
                               self.progress, self.tabs])
+
+    def selected_units(self) -> list:
+        """The compute units picked, CPU_AND_NE / ALL modelling the chosen Neural Engine generation."""
+        units = list(self.compute_units.value) or ["CPU_ONLY"]
+        if self.ne_chip.value == DEFAULT_NE_GENERATION:
+            return units
+        return [ne_profile(self.ne_chip.value, u) if u in ("CPU_AND_NE", "ALL") else u for u in units]
 
     # ------------------------------------------------------------------ state
     def _ipython_display_(self):  # pragma: no cover - notebook display
@@ -139,7 +153,7 @@ class Lab:
             model, inputs = self._model()
             if model is None:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
-            units = list(self.compute_units.value) or ["CPU_ONLY"]
+            units = self.selected_units()
             with self.progress:
                 report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
             self.report = report

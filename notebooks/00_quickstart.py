@@ -17,6 +17,8 @@
 # Core ML only runs on macOS. On Linux (and, if you ask, on macOS too) the kit's **emulator** runs
 # the converted ML Program op by op under a precision profile per compute unit. Emulated numbers
 # show precision risk (overflow, underflow, rounding growth); a real device can differ in detail.
+# The Neural Engine profile follows published device measurements (`CPU_AND_NE` models A15 and
+# later, `ne_profile("M1")` M1 / A14); every fact and its source: docs/device_profiles.md.
 
 # %%
 # %matplotlib inline
@@ -86,7 +88,7 @@ report.plot_layer_errors()
 # %% [markdown]
 # ## Next
 #
-# * `01_fp16_overflow_nan` - NaN outputs and how to fix them (P1)
+# * `01_fp16_overflow_nan` - inf/NaN outputs and how to fix them (P1)
 # * `02_compute_unit_divergence` - CPU vs GPU vs Neural Engine (P2)
 # * `03_deployment_targets` - iOS15 vs iOS16+ and Neural-Engine-hostile outputs (P3, P4)
 # * `04_os_versions_and_shared_runs` - the ONNX path, run bundles, comparing machines (P5)

@@ -98,6 +98,27 @@ head_conv = cl.convert(HeadOnly(det).eval(), det_example, cl.ConversionOptions()
 [f.title for f in cl.lint(head_conv)]
 
 # %% [markdown]
+# **Slicing on M1 / A14.** On the M1 / A14 Neural Engine a slice along the last axis with a
+# non-zero begin passes its values through a gain of 16, so values above 4,094 become inf (fixed
+# on A15 and later, which `CPU_AND_NE` models by default). `ne_profile("M1")` shows it:
+
+
+# %%
+from coreml_lab.emulator import ne_profile
+
+
+class Tail(torch.nn.Module):
+    def forward(self, x):
+        return x[..., 1:]
+
+
+x = torch.tensor([[1000.0, 4000.0, 4094.0, 5000.0]])
+conversion_slice = cl.convert(Tail().eval(), (x,), cl.ConversionOptions())
+feeds_slice = conversion_slice.example_inputs.as_numpy()
+{name: next(iter(EmulatedModel(conversion_slice.mlmodel, unit).predict(feeds_slice).values())).tolist()
+ for name, unit in [("CPU_AND_NE (A15 and later)", "CPU_AND_NE"), ("M1", ne_profile("M1"))]}
+
+# %% [markdown]
 # ## Exercises
 #
 # **1.** Change the patch embedding's stride from 8 to 4 (kernel 4). Predict: is the conv-stride

@@ -68,14 +68,20 @@ print(report_a.summary())
 # %% [markdown]
 # ## Save a run bundle
 #
-# On a Mac, the same cell with `runtime="coreml"` captures a *measured* bundle (Core ML itself); here the bundle is marked as emulated.
+# On a Mac, the same cell with `runtime="coreml"` captures a *measured* bundle (Core ML itself); here the bundle is marked as emulated,
+# and its environment names the device profile and Neural Engine generation that modelled each unit
+# (`compute_units`: the facts each profile encodes, with their sources).
 
 # %%
 import platform
+
+from coreml_lab.environment import profile_lines
+
 runtime = "coreml" if platform.system() == "Darwin" else "emulator"
 bundle_a = report_a.save(work / "asr_macOS12.zip")
 loaded = cl.load_report(bundle_a)
-print(bundle_a, loaded.environment)
+print(bundle_a, {k: v for k, v in loaded.environment.items() if k != "compute_units"})
+print("\n".join(profile_lines(loaded.environment)))
 
 # %% [markdown]
 # ## Compare two runs

@@ -7,9 +7,9 @@ the units advancing together.
 
 A diagnosis runs the same program for every compute unit, and re-runs each op on
 reference inputs. Much of that work is the same computation twice: the GPU and the
-Neural Engine profiles both hold values in FP16 and both accumulate convolutions
-in FP32, so a conv (or add, relu, reshape ...) fed the same input tensors gives the
-same tensor on both. :func:`numeric_signature` says what a step's result depends on
+Neural Engine profiles both hold values in FP16, so an elementwise op (add, relu,
+reshape ...) fed the same FP16 tensors gives the same tensor on both (convolutions and
+matmuls differ: the Neural Engine adds the bias in FP16 and saturates at 2^15). :func:`numeric_signature` says what a step's result depends on
 besides its input values; steps with equal signatures and the very same input
 tensors are computed once and the result handed to each unit. Sharing is exact:
 a shared value is bit for bit what each unit would have computed itself (the
@@ -89,6 +89,7 @@ def same_computation(step: Step, other: Step, paired: dict) -> bool:
     if (step.op.op_type != other.op.op_type or step.kernel is not other.kernel or step.blocks or other.blocks
             or step.kernel.family == "constexpr" or step.op.op_type == "cast"
             or step.precision != other.precision or step.hazards != other.hazards
+            or bool(step.coerce) != bool(other.coerce) or step.nan_out != other.nan_out
             or [s for _, _, s in step.outputs] != [s for _, _, s in other.outputs]
             or set(step.inputs) != set(other.inputs)):
         return False
@@ -117,6 +118,28 @@ def _same_const(a: _Const, b: _Const, compute: torch.dtype) -> bool:
         dt = torch.empty(0, dtype=compute).numpy().dtype
         return bool(np.array_equal(va.astype(dt), vb.astype(dt)))
     return va.dtype == vb.dtype and bool(np.array_equal(va, vb))
+
+
+def _boundary(step: Step) -> bool:
+    """Whether a step applies the Neural Engine's NaN boundary (interpreter: NaN in -> +inf, NaN out -> +0)."""
+    return bool(getattr(step, "coerce", ())) or getattr(step, "nan_out", False)
+
+
+def _nan_free(values) -> bool:
+    return not any(isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any())
+                   for v in values)
+
+
+def _interchangeable(hit, step: Step, env, names) -> bool:
+    """Whether the result ``hit`` (out, the step that computed it, its env) of a step with an equal
+    signature and the same input tensors is also ``step``'s: always when both or neither apply the
+    NE's NaN boundary; otherwise only when the boundary changed nothing (no NaN in or out)."""
+    out, other, other_env = hit
+    if _boundary(other) == _boundary(step):
+        return True
+    if _boundary(other):
+        return not other.boundary_hit
+    return _nan_free(out) and _nan_free(other_env[n] for n in names)
 
 
 class SharedRun:
@@ -161,11 +184,12 @@ class SharedRun:
                 self.reused_steps += 1
             else:
                 key = share_key(step, env, names) if self.share else None
-                out = done.get(key) if key is not None else None
+                hit = done.get(key) if key is not None else None
+                out = hit[0] if hit is not None and _interchangeable(hit, step, env, names) else None
                 if out is None:
                     out = step.run(env)
-                    if key is not None:
-                        done[key] = out
+                    if key is not None and key not in done:
+                        done[key] = (out, step, env)
                 else:
                     self.shared_steps += 1
             for (name, _, _), value in zip(step.outputs, out):
@@ -223,9 +247,10 @@ class Lockstep:
             uses.update(ks)
         self.uses = uses
 
-    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_reference):
+    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_reference, unit_feeds: dict | None = None):
         """Generator (``on_reference`` is one: it may wait for torch); returns (reference outputs,
-        each unit's outputs)."""
+        each unit's outputs). ``unit_feeds`` (unit -> name -> tensor) adds feeds of one unit alone,
+        such as its own state buffers."""
         ref_iter = self.ref.iterate(ref_feeds)
         remaining = Counter(self.uses)
         store = {k: v for k, v in ref_feeds.items() if remaining.get(k)}
@@ -240,7 +265,7 @@ class Lockstep:
             outs = [store.get(name) for name, _, _ in same.outputs]
             return None if any(o is None for o in outs) else outs
 
-        self.units.start({cu: dev_feeds for cu in self.units.interpreters})
+        self.units.start({cu: {**dev_feeds, **(unit_feeds or {}).get(cu, {})} for cu in self.units.interpreters})
         for index, step in enumerate(self.steps):
             keys = self.step_keys[index]
             while ref_open and any(k not in store for k in keys):

@@ -32,7 +32,9 @@ zero-extended at the end if ``D_out`` is larger (uncertain: how Core ML fills an
 cropping.
 
 All dot products go through :func:`numerics.conv_nd` with the op's accumulation
-dtype (1-d, 2-d and 3-d alike).
+dtype (1-d, 2-d and 3-d alike), then the Neural Engine's multiply-accumulate output port
+where the device has one (:func:`.linear.mac_output`: the 2^15 ceiling applies to a
+convolution of two or more taps, C_in / groups x kernel size).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from ..registry import kernel
+from .linear import mac_output
 
 FP16 = torch.float16
 PAD_TYPES = ("valid", "same", "same_lower", "custom")
@@ -52,11 +55,9 @@ PAD_TYPES = ("valid", "same", "same_lower", "custom")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _param_list(call, name: str, nd: int, default: int) -> list[int]:
+def _param_list(call, name: str, nd: int) -> list[int]:
     v = call.ints(name)
-    if v is None:
-        return [default] * nd
-    if len(v) != nd:
+    if v is None or len(v) != nd:
         raise ValueError(
             f"{call.op.op_type}: input {name!r} = {v} must have one value per spatial dimension ({nd})")
     return v
@@ -114,17 +115,18 @@ def _check_rank(call, x, weight):
 def _conv_call(call, x, weight):
     nd = _check_rank(call, x, weight)
     bias = call.tensor("bias", dtype=x.dtype) if call.has("bias") else None
-    strides = _param_list(call, "strides", nd, 1)
-    dilations = _param_list(call, "dilations", nd, 1)
-    groups = call.int("groups", 1)
-    pad_type = call.str("pad_type", "valid")
+    strides = _param_list(call, "strides", nd)
+    dilations = _param_list(call, "dilations", nd)
+    groups = call.int("groups")
+    pad_type = call.str("pad_type")
     pads = conv_pads(call.op.op_type, pad_type, list(x.shape[2:]), list(weight.shape[2:]), strides, dilations,
                      call.ints("pad"))
     if x.shape[1] % groups or weight.shape[1] * groups != x.shape[1]:
         raise ValueError(
             f"{call.op.op_type}: input 'groups' = {groups} does not fit C_in = {x.shape[1]} and weight "
             f"shape {tuple(weight.shape)} (expected weight[1] == C_in / groups)")
-    return _conv(x, weight, bias, strides, pads, dilations, groups, call.accumulate)
+    y = _conv(x, weight, None, strides, pads, dilations, groups, call.accumulate)
+    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=math.prod(weight.shape[1:]))
 
 
 # ----------------------------------------------------------------------------- conv
@@ -137,7 +139,7 @@ def _operands(call):
     return x, call.tensor("weight", dtype=x.dtype)
 
 
-@kernel("conv", family="conv", uses={"accumulate"})
+@kernel("conv", family="conv", uses={"accumulate", "hazards"})
 def conv(call):
     x, weight = _operands(call)
     return _conv_call(call, x, weight)
@@ -202,10 +204,10 @@ def conv_transpose(call):
     x, weight = _operands(call)
     nd = _check_rank(call, x, weight)
     bias = call.tensor("bias") if call.has("bias") else None
-    strides = _param_list(call, "strides", nd, 1)
-    dilations = _param_list(call, "dilations", nd, 1)
-    groups = call.int("groups", 1)
-    pad_type = call.str("pad_type", "valid")
+    strides = _param_list(call, "strides", nd)
+    dilations = _param_list(call, "dilations", nd)
+    groups = call.int("groups")
+    pad_type = call.str("pad_type")
     if x.shape[1] != weight.shape[0] or x.shape[1] % groups:
         raise ValueError(
             f"conv_transpose: input 'weight' shape {tuple(weight.shape)} / 'groups' = {groups} do not fit "
@@ -244,6 +246,5 @@ def conv_transpose(call):
         crop.append((-st, o - (f - st)))  # negative F.pad values crop, positive extend with zeros
     if any(b or a for b, a in crop):
         y = F.pad(y, _torch_pad_arg(crop))
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))
-    return y
+    taps = (x.shape[1] // groups) * math.prod(ksizes)
+    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=taps)

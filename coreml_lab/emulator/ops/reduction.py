@@ -35,7 +35,7 @@ FP32 = torch.float32
 def _axes_and_input(call):
     """(x, dims, keepdim) for a ReductionAxes op, with ``dims`` sorted non-negative and non-empty."""
     x = call.tensor("x")
-    keep = call.bool("keep_dims", False)
+    keep = call.bool("keep_dims")
     axes = call.ints("axes")
     rank = x.ndim
     if axes is None:
@@ -166,10 +166,10 @@ def reduce_log_sum_exp(call):
     x, dims, keep = _axes_and_input(call)
     xf = _float(x)
     if x.is_floating_point() and call.hazard("reduce_log_sum_exp_no_max_shift"):
-        # Neural Engine: log(sum(exp(x))) with no max-shift, exp and the (pairwise) sum in FP16.
-        # Once the sum overflows to inf the device returns 0 (apple/coremltools#2690: the output
-        # drops to 0 once C*exp(x) > 65504, e.g. x ~ 7.63 for 32 channels).
-        s = numerics.reduce_sum(torch.exp(xf.to(FP16)), dims, keep, FP16)
+        # Neural Engine: log(sum(exp(x))) with no max-shift, exp in FP16 and the sum in the device's
+        # accumulator, rounded to FP16. Once the sum overflows to inf the device returns 0
+        # (apple/coremltools#2690: the output drops to 0 once C*exp(x) > 65504, e.g. x ~ 7.63 for 32 channels).
+        s = numerics.reduce_sum(torch.exp(xf.to(FP16)), dims, keep, call.accumulate).to(FP16)
         out = torch.log(s)
         return torch.where(torch.isinf(s), torch.zeros_like(out), out)
     # stable formula: m + log(sum(exp(x - m))), m the max over the reduced axes
@@ -190,9 +190,9 @@ _ARG_OUTPUT_DTYPES = ("int32", "uint16")
 
 def _arg(call, fn):
     x = call.tensor("x")
-    axis = call.int("axis", -1)
-    keep = call.bool("keep_dims", False)
-    out_dtype = call.str("output_dtype", "int32")
+    axis = call.int("axis")
+    keep = call.bool("keep_dims")
+    out_dtype = call.str("output_dtype")
     if out_dtype.lower() not in _ARG_OUTPUT_DTYPES:
         raise ValueError(
             f"{call.op.op_type}: input 'output_dtype' is {out_dtype!r}, expected one of {_ARG_OUTPUT_DTYPES}"
@@ -221,9 +221,9 @@ def reduce_argmin(call):
 @kernel("cumsum", family="reduction")
 def cumsum(call):
     x = call.tensor("x")
-    axis = call.int("axis", 0)
-    exclusive = call.bool("exclusive", False)
-    reverse = call.bool("reverse", False)
+    axis = call.int("axis")
+    exclusive = call.bool("exclusive")
+    reverse = call.bool("reverse")
     if x.ndim == 0:
         raise ValueError("cumsum: input 'x' must have rank >= 1, got a scalar")
     if not -x.ndim <= axis < x.ndim:
