@@ -4,6 +4,7 @@ coremltools names the same op differently at FP16 and FP32 (``var_7_cast_fp16`` 
 ``var_7``), so ops are paired by structure (:func:`pair_programs`), names being the fallback
 (:func:`reference_key`). :class:`ProgramPairing` holds what a diagnosis needs from the pairing:
 the var pairs, the reference's layer map and the diagnosed program's, borrowed from it.
+A package diagnosed on its own is its own reference: :meth:`ProgramPairing.identity`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     FP32): walking the dev program in order, an op matches the first unmatched reference op
     of the same type whose non-constant inputs are the matches of its own inputs. A precision
     cast the reference does not have is transparent (its output matches its input's match).
-    Ops left unmatched fall back to name matching. Top-level ops only (a loop is one op, as it
+    Ops left unmatched fall back to name matching. A ``constexpr_*`` output (a compressed
+    weight, decompressed at load time) counts as a constant. Top-level ops only (a loop is one op, as it
     is one step of the interpreter).
     """
     dev_f = next(iter(dev_program.functions.values()))
@@ -66,8 +68,8 @@ def _input_signature(op, match):
     sig = []
     for pname, v in sorted(op.inputs.items()):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
-            if x.op is not None and x.op.op_type == "const":
-                sig.append((pname, "const"))
+            if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
+                sig.append((pname, "const"))  # a compressed weight is a weight
             elif match is None:
                 sig.append((pname, x.name))
             elif x.name in match:
@@ -116,3 +118,21 @@ class ProgramPairing:
         ref_of = pair_programs(conversion.program, reference.program)
         return cls(ref_of=ref_of, ref_map=ref_map, layer_map=paired_layer_map(conversion, ref_map, ref_of),
                    module_vars=innermost_module_per_var(ref_map.module_outputs))
+
+    @classmethod
+    def identity(cls, conversion) -> ProgramPairing:
+        """A program paired with itself (a package diagnosed against its own exact FP32 run)."""
+        layer_map = conversion.layer_map()
+        function = next(iter(conversion.program.functions.values()))
+        ref_of = {n: n for n in function.inputs}
+        for op in walk_ops(function, nested=False):
+            ref_of.update((v.name, v.name) for v in op.outputs)
+        return cls(ref_of=ref_of, ref_map=layer_map, layer_map=layer_map,
+                   module_vars=innermost_module_per_var(layer_map.module_outputs))
+
+
+def unpaired_ops(dev_program, ref_of: dict) -> list:
+    """The diagnosed program's top-level ops (weight decompression aside) with no output paired."""
+    function = next(iter(dev_program.functions.values()))
+    return [op for op in walk_ops(function, nested=False) if not op.op_type.startswith("constexpr_")
+            and not any(v.name in ref_of for v in op.outputs)]
