@@ -154,10 +154,17 @@ def package_inputs(mlmodel, example) -> ExampleInputs:
     if example is None:
         raise PackageError("diagnosing a Core ML package needs example inputs: a dict of input name -> array; "
                            f"the package expects {expected_inputs(mlmodel)}")
+    names = [s.name for s in input_specs(mlmodel)]
     if isinstance(example, ExampleInputs):
         example = dict(zip(example.names, example.tensors))
+    if isinstance(example, (torch.Tensor, np.ndarray)):
+        example = (example,)
+    if isinstance(example, (tuple, list)):  # in the package's input order
+        if len(example) != len(names):
+            raise PackageError(f"{len(example)} example input(s) for a package with {len(names)} input(s); "
+                               f"the package expects {expected_inputs(mlmodel)}")
+        example = dict(zip(names, example))
     feeds = check_feeds(mlmodel, example, "the example inputs")
-    names = [s.name for s in input_specs(mlmodel)]
     return ExampleInputs(tuple(names), tuple(torch.from_numpy(feeds[n]) for n in names))
 
 
@@ -205,18 +212,15 @@ def check_paired(package: Conversion, reference: Conversion, ref_of: dict, unpai
     dev_f = next(iter(package.program.functions.values()))
     ref_f = next(iter(reference.program.functions.values()))
     problems = []
-    dev_outs = [v.name for v in dev_f.outputs]
     ref_outs = {v.name: v for v in ref_f.outputs}
-    if len(dev_outs) != len(ref_outs):
-        problems.append(f"the package has {len(dev_outs)} output(s), the torch model {len(ref_outs)}")
-    else:
-        for v in dev_f.outputs:
-            r = ref_outs.get(ref_of.get(v.name))
-            if r is None:
-                problems.append(f"output {v.name!r} of the package has no counterpart in the torch model")
-            elif tuple(v.shape) != tuple(r.shape):
-                problems.append(f"output {v.name!r} has shape {tuple(v.shape)} in the package, "
-                                f"{tuple(r.shape)} from the torch model")
+    unmatched = [v for v in dev_f.outputs if ref_of.get(v.name) not in ref_outs]
+    differ = [v for v in dev_f.outputs if v not in unmatched and tuple(v.shape) != tuple(ref_outs[ref_of[v.name]].shape)]
+    if len(dev_f.outputs) != len(ref_outs) or unmatched or differ:
+        def shapes(vs):
+            return ", ".join(f"{v.name} {tuple(v.shape)}" for v in vs)
+        problems.append(f"the outputs differ (the package's: {shapes(dev_f.outputs)}; the torch model's "
+                        f"conversion: {shapes(ref_f.outputs)}"
+                        + (f"; no counterpart for {[v.name for v in unmatched]}" if unmatched else "") + ")")
     ops = [op for op in dev_f.operations if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
     if ops and len(unpaired) > (1 - MIN_PAIRED) * len(ops):
         kinds = sorted({op.op_type for op in unpaired})

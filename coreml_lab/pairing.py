@@ -30,10 +30,11 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     Matched by structure, not names (coremltools names the same op differently at FP16 and
     FP32): walking the dev program in order, an op matches the first unmatched reference op
     of the same type whose non-constant inputs are the matches of its own inputs. A precision
-    cast the reference does not have is transparent (its output matches its input's match).
+    cast one program has and the other does not is transparent (a cast's output stands for
+    its input: FP16 inputs cast to FP32 in the reference, an FP16 output cast back).
     Ops left unmatched fall back to name matching. A ``constexpr_*`` output (a compressed
-    weight, decompressed at load time) counts as a constant. Top-level ops only (a loop is one op, as it
-    is one step of the interpreter).
+    weight, decompressed at load time) counts as a constant. Top-level ops only (a loop is
+    one op, as it is one step of the interpreter).
     """
     dev_f = next(iter(dev_program.functions.values()))
     ref_f = next(iter(ref_program.functions.values()))
@@ -41,12 +42,16 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     match: dict[str, str] = {n: n for n in dev_f.inputs if n in ref_inputs}
     index: dict = defaultdict(list)
     ref_names = set(ref_inputs)
+    root: dict[str, str] = {}  # reference var -> the var a chain of float casts starts from
     for op in walk_ops(ref_f, nested=False):
-        index[(op.op_type, _input_signature(op, None))].append(op)
+        if _float_cast(op):
+            x = op.inputs["x"].name
+            root[op.outputs[0].name] = root.get(x, x)
+        index[(op.op_type, _input_signature(op, None, root))].append(op)
         ref_names.update(v.name for v in op.outputs)
     used = set()
     for op in walk_ops(dev_f, nested=False):
-        sig = _input_signature(op, match)
+        sig = _input_signature(op, match, root)
         candidates = [c for c in index.get((op.op_type, sig), []) if id(c) not in used] if sig is not None else []
         if candidates:
             ref_op = candidates[0]
@@ -60,20 +65,38 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
                 key = reference_key(dv.name)
                 if key in ref_names:
                     match[dv.name] = key
+    # a program output stands for the reference's output where they differ by float casts only
+    ref_out_of_root = {root.get(v.name, v.name): v.name for v in ref_f.outputs}
+    for v in dev_f.outputs:
+        paired = match.get(v.name)
+        if paired is not None and paired not in ref_out_of_root.values():
+            out = ref_out_of_root.get(root.get(paired, paired))
+            if out is not None:
+                match[v.name] = out
     return match
 
 
-def _input_signature(op, match):
-    """(input name, matched var name or "const") for every input; None if an input has no match."""
+def _float_cast(op) -> bool:
+    """A cast between float dtypes (FP16 <-> FP32): the same quantity, held differently."""
+    if op.op_type != "cast":
+        return False
+    dtypes = [getattr(v.dtype, "__name__", str(v.dtype)) for v in (op.inputs["x"], op.outputs[0])]
+    return all(d.startswith("fp") for d in dtypes)
+
+
+def _input_signature(op, match, root=None):
+    """(input name, matched var name or "const") for every input; None if an input has no match.
+    Reference vars are named by the var their float casts start from (``root``)."""
+    root = root or {}
     sig = []
     for pname, v in sorted(op.inputs.items()):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
             if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
                 sig.append((pname, "const"))  # a compressed weight is a weight
             elif match is None:
-                sig.append((pname, x.name))
+                sig.append((pname, root.get(x.name, x.name)))
             elif x.name in match:
-                sig.append((pname, match[x.name]))
+                sig.append((pname, root.get(match[x.name], match[x.name])))
             else:
                 return None
     return tuple(sig)

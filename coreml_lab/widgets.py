@@ -1,7 +1,8 @@
 """ipywidgets panels: pick conversion options, convert and diagnose, read the dashboard.
 
 ``lab(...)`` returns a :class:`Lab`: an options panel (model, precision incl. mixed with the
-op types to keep in FP32, deployment target, convert_to, compute units, runtime) with a
+op types to keep in FP32, deployment target, convert_to, compute units, runtime, and a path to
+an existing ``.mlpackage`` to diagnose instead, on its own or against the chosen model) with a
 "Convert and diagnose" button, and a dashboard with tabs - Summary, Per-layer error,
 Histograms, FP16 range, Compute units, Messages, Fixes. Errors raised while converting or
 running are shown in the panel (with their explanation where one is known), never swallowed.
@@ -41,7 +42,8 @@ def _error_html(exc: BaseException) -> str:
 class Lab:
     """Options panel + dashboard. ``widget`` is the whole UI; ``report`` the last diagnosis."""
 
-    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None):
+    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+                 package: str = ""):
         self.user_model, self.user_inputs = model, example_inputs
         opts = options or ConversionOptions()
         choices = ([YOUR_MODEL] if model is not None else []) + list(sample_models.SAMPLES)
@@ -58,6 +60,11 @@ class Lab:
         self.compute_units = W.SelectMultiple(options=[u for u in units if u in COMPUTE_UNITS],
                                               value=list(DEFAULT_COMPUTE_UNITS), description="Units", rows=4)
         self.runtime = W.Dropdown(options=["auto", "emulator", "coreml"], value="auto", description="Runtime")
+        #: an existing .mlpackage to diagnose (its own program in exact FP32 is the reference) ...
+        self.package = W.Text(value=str(package or ""), placeholder="path/to/model.mlpackage (optional)",
+                              description="Package", layout=W.Layout(width="420px"))
+        #: ... or against the chosen model, the one it came from
+        self.with_source = W.Checkbox(value=False, description="against the chosen model", indent=False)
         self.button = W.Button(description="Convert and diagnose", button_style="primary", icon="play",
                                layout=W.Layout(width="220px"))
         self.status = W.HTML(value="")
@@ -77,6 +84,7 @@ class Lab:
             W.HBox([self.model_choice, self.target, self.convert_to]),
             W.HBox([self.precision, self.runtime]),
             W.HBox([self.compute_units, self.fp32_ops]),
+            W.HBox([self.package, self.with_source]),
             W.HBox([self.button, self.status]),
         ])
         self.widget = W.VBox([W.HTML("<h3 style='margin:0'>coreml_lab</h3>"), options_box, self.error,
@@ -125,8 +133,14 @@ class Lab:
             if model is None:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
             units = list(self.compute_units.value) or ["CPU_ONLY"]
+            package = self.package.value.strip()
             with self.progress:
-                report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
+                if package and self.with_source.value:  # the package against the model it came from
+                    report = diagnose(model, inputs, compute_units=units, runtime=self.runtime.value, mlmodel=package)
+                elif package:  # the package on its own, fed the chosen model's example inputs
+                    report = diagnose(package, inputs, compute_units=units, runtime=self.runtime.value)
+                else:
+                    report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
             self.report = report
             self._fill(report)
             self.status.value = ("<b style='color:#2ca02c'>done</b>" if report.ok else
@@ -204,9 +218,11 @@ class _ReportError(Exception):
         self.explanation = report.error_explanation
 
 
-def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None) -> Lab:
-    """The interactive panel and dashboard; display it in a notebook cell."""
-    return Lab(model, example_inputs, sample, options)
+def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+        package: str = "") -> Lab:
+    """The interactive panel and dashboard; display it in a notebook cell. ``package``: a path to an
+    existing ``.mlpackage`` to diagnose (the panel's Package field)."""
+    return Lab(model, example_inputs, sample, options, package)
 
 
 __all__ = ["lab", "Lab"]
