@@ -302,7 +302,7 @@ def _widened(ref_feeds: dict, feeds: dict) -> dict:
     for name, value in ref_feeds.items():
         given = np.asarray(feeds.get(name)) if name in feeds else None
         if isinstance(value, torch.Tensor) and value.dtype == torch.float16 and given is not None \
-                and given.dtype.kind == "f":
+                and given.dtype.kind == "f" and given.dtype.itemsize > 2:
             out[name] = torch.from_numpy(np.array(given, dtype=np.float32))
     return out
 

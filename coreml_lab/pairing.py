@@ -43,10 +43,12 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     index: dict = defaultdict(list)
     ref_names = set(ref_inputs)
     root: dict[str, str] = {}  # reference var -> the var a chain of float casts starts from
+    order: dict[int, int] = {}
     for op in walk_ops(ref_f, nested=False):
         if _float_cast(op):
             x = op.inputs["x"].name
             root[op.outputs[0].name] = root.get(x, x)
+        order[id(op)] = len(order)  # program order, for the loose match
         index[(op.op_type, _input_signature(op, None, root))].append(op)
         ref_names.update(v.name for v in op.outputs)
     used = set()
@@ -65,6 +67,12 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
                 key = reference_key(dv.name)
                 if key in ref_names:
                     match[dv.name] = key
+            if sig is None and not any(dv.name in match for dv in op.outputs):
+                ref_op = _loose_match(op, match, root, index, used, order)
+                if ref_op is not None:
+                    used.add(id(ref_op))
+                    for dv, rv in zip(op.outputs, ref_op.outputs):
+                        match[dv.name] = rv.name
     # a program output stands for the reference's output where they differ by float casts only
     ref_out_of_root = {root.get(v.name, v.name): v.name for v in ref_f.outputs}
     for v in dev_f.outputs:
@@ -74,6 +82,29 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
             if out is not None:
                 match[v.name] = out
     return match
+
+
+def _loose_match(op, match, root, index, used, order):
+    """The first unused reference op of ``op``'s type whose inputs agree with ``op``'s wherever those
+    are constants or matched; an unmatched input is a wildcard. Pairs an op past a few extra ops the
+    other program has on one input (e.g. an index normalised once more before a ``gather``), so the
+    rest of the program still pairs. None where another input disagrees."""
+    partial = []
+    for pname, v in sorted(op.inputs.items()):
+        for x in (v if isinstance(v, (list, tuple)) else (v,)):
+            if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
+                partial.append((pname, "const"))
+            elif x.name in match:
+                partial.append((pname, root.get(match[x.name], match[x.name])))
+            else:
+                partial.append((pname, None))
+    found = []
+    for (op_type, sig), ops in index.items():
+        if op_type != op.op_type or sig is None or len(sig) != len(partial):
+            continue
+        if all(p == s or (p[0] == s[0] and p[1] is None and s[1] != "const") for p, s in zip(partial, sig)):
+            found += [ref_op for ref_op in ops if id(ref_op) not in used][:1]
+    return min(found, key=lambda ref_op: order[id(ref_op)]) if found else None
 
 
 def _float_cast(op) -> bool:
