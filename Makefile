@@ -20,7 +20,7 @@ APT_GET ?= apt-get
 # convolutions unfold their input). Notebooks run with freed memory kept for reuse (bench/README.md: Allocator).
 MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
-.PHONY: setup test-setup chromium lab test report bench test-onnx-import clean-cache
+.PHONY: setup test-setup chromium lab test test-slow report bench test-onnx-import clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,10 +55,14 @@ chromium:
 lab: setup
 	env $(MALLOC_KEEP) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(LAB_ARGS)
 
-## make test: the whole test suite (ONNX import has its own venv: make test-onnx-import)
+## make test: lint and the test suite but its slowest tests (under 15 minutes on 2 cores);
+## make test-slow runs those (CI runs both); ONNX import has its own venv: make test-onnx-import
 test: test-setup
 	$(VENV)/bin/ruff check .
-	COREML_LAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -n auto -m "not onnx_import" $(PYTEST_ARGS)
+	COREML_LAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -n auto -m "not onnx_import and not slow" $(PYTEST_ARGS)
+
+test-slow: test-setup
+	COREML_LAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -n auto -m "slow and not onnx_import" $(PYTEST_ARGS)
 
 ## make report: execute every notebook headless, write HTML to reports/
 report: setup

@@ -8,6 +8,7 @@ from .messages import import_messages as _import_messages
 _import_messages()  # capture what coremltools logs at import time, before anything else imports it
 
 from .bundle import compare_reports  # noqa: E402
+from .compression_fix import CompressionFix, find_uncompressed_ops  # noqa: E402
 from .convert import Conversion, ConversionError, convert  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
 from .fixes import MixedPrecisionFix, find_fp32_ops, suggest_fixes  # noqa: E402
@@ -17,5 +18,6 @@ from .report import Report, load_report  # noqa: E402
 from .targets import target_matrix  # noqa: E402
 
 __all__ = ["ConversionOptions", "convert", "Conversion", "ConversionError", "diagnose", "Report", "load_report",
-           "compare_reports", "find_fp32_ops", "MixedPrecisionFix", "suggest_fixes", "target_matrix", "lint"]
+           "compare_reports", "find_fp32_ops", "MixedPrecisionFix", "suggest_fixes", "target_matrix", "lint",
+           "find_uncompressed_ops", "CompressionFix"]
 __version__ = "0.1.0"

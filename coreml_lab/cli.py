@@ -96,7 +96,8 @@ def _options(args):
 
     fp32_ops = tuple(o for o in (args.fp32_ops or "").split(",") if o)
     try:
-        return cl.ConversionOptions(precision=args.precision, target=args.target, fp32_ops=fp32_ops)
+        return cl.ConversionOptions(precision=args.precision, target=args.target, fp32_ops=fp32_ops,
+                                    compression=args.compression or None)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -109,6 +110,8 @@ def _add_model_args(p):
     p.add_argument("--precision", default="fp16", help="fp16 | fp32 | mixed (default fp16)")
     p.add_argument("--fp32-ops", default="", help="with --precision mixed: comma-separated op types/names")
     p.add_argument("--target", default="iOS17", help="deployment target (default iOS17)")
+    p.add_argument("--compression", default="", help="weight compression after conversion: palettize4, "
+                   "int8-per-channel, int8-per-tensor, int4-per-block32 (iOS18), prune50, prune50+palettize4 ...")
 
 
 def _worst(report) -> float:
@@ -121,13 +124,25 @@ def _worst(report) -> float:
     return float(rows.rel_err.max())
 
 
+def _with_ne_chip(units: list[str], chip: str | None) -> list:
+    """The compute units, with CPU_AND_NE / ALL modelling the Neural Engine of ``chip`` when given."""
+    if not chip:
+        return units
+    from .emulator import ne_profile
+
+    try:
+        return [ne_profile(chip, u) if u.upper() in ("CPU_AND_NE", "ALL") else u for u in units]
+    except ValueError as exc:
+        raise UsageError(f"--ne-chip: {exc}") from exc
+
+
 def cmd_diagnose(args) -> int:
     import coreml_lab as cl
 
     from .packages import is_package
 
     model, example = _load_model(args.model, args.input, args.inputs)
-    units = [u for u in args.compute_units.split(",") if u]
+    units = _with_ne_chip([u for u in args.compute_units.split(",") if u], args.ne_chip)
     # an existing package is diagnosed as it is: conversion options do not apply to it
     options = None if is_package(model) else _options(args)
     try:
@@ -155,6 +170,15 @@ def cmd_fix(args) -> int:
     import coreml_lab as cl
 
     model, example = _load_model(args.model, args.input, args.inputs)
+    if args.compression:  # a compression fix: weights to leave uncompressed
+        fix = cl.find_uncompressed_ops(model, example, _options(args), tolerance=args.tolerance,
+                                       time_budget=args.budget, progress=not args.quiet)
+        print(fix.message)
+        print(fix.sensitivity[["op", "module", "mode", "nbits", "weight_snr_db", "error_alone", "rank"]].to_string(
+            index=False))
+        if fix.found:
+            print(fix.snippet)
+        return 0 if fix.found else 1
     fix = cl.find_fp32_ops(model, example, _options(args), tolerance=args.tolerance, time_budget=args.budget,
                            progress=not args.quiet)
     print(fix.message)
@@ -206,13 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlmodel", metavar="M.mlpackage",
                    help="diagnose this existing package against MODEL, the torch model it came from")
     p.add_argument("--compute-units", default="CPU_ONLY,CPU_AND_GPU,CPU_AND_NE")
+    p.add_argument("--ne-chip", default=None, metavar="CHIP",
+                   help="Neural Engine generation CPU_AND_NE / ALL model: M1 (M1, A14) or M5 (A15 and later, "
+                        "the default); emulator only")
     p.add_argument("--runtime", default="auto", help="auto | emulator | coreml")
     p.add_argument("--tolerance", type=float, default=1e-2, help="gate on the worst output relative error")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--bundle", help="save a run bundle here (directory, or .zip)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_diagnose)
-    p = sub.add_parser("fix", help="find ops to keep in FP32 (verified mixed precision)")
+    p = sub.add_parser("fix", help="find ops to keep in FP32 (verified mixed precision), or with --compression "
+                       "the layers to leave uncompressed")
     _add_model_args(p)
     p.add_argument("--tolerance", type=float, default=1e-2)
     p.add_argument("--budget", type=float, default=300.0, help="time budget in seconds")

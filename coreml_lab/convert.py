@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import messages as msgs
+from . import torch_ops
 from .emulator.program import mil_program, walk_ops
 from .messages import Message
 from .options import ConversionOptions, as_options
@@ -338,26 +339,38 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     notes = [msgs.make("info", n, "coreml_lab") for n in source.notes]
     prep_messages = list(prep.messages)
     method = prep.method
-    key = fingerprint(prep.digest() + f"|mapping={layer_mapping}", inputs, options) if cache else None
+    named_outputs = _named_outputs(source, options, inputs)
+    key = fingerprint(prep.digest() + f"|mapping={layer_mapping}|outputs={named_outputs}", inputs, options) \
+        if cache else None
     if key is not None:
         hit = _load_from_cache(key, options, inputs, source)
         if hit is not None:
             return dataclasses.replace(hit, prepared=prep)
 
     convertible = prep.take_convertible()
+    torch_ops.register()
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
     with msgs.capture() as captured:
         start = time.perf_counter()
         try:
+            kwargs = options.convert_kwargs()
+            if named_outputs:
+                kwargs["outputs"] = [ct.TensorType(name=n) for n in named_outputs]
             if layer_mapping:
-                mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, options)
+                mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, kwargs)
             else:
-                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs()), {}
+                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **kwargs), {}
         except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
             raise ConversionError(str(exc), env_messages + notes + prep_messages + list(captured) + [failure],
                                   options, method) from exc
         wall = time.perf_counter() - start
+    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
+        from .compression import apply as compress
+        from .mapping import chains_from_scopes
+        if not chains and source.module is not None:  # scopes are read before compression drops them
+            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
+        mlmodel = compress(mlmodel, options.compression, options.target)
     program = mil_program(mlmodel)
     if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
         from .mapping import chains_from_scopes
@@ -368,7 +381,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         mlmodel=mlmodel, program=program, options=options,
         spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
         messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
-        + prep_messages + list(captured),
+        + _composite_notes(prep.graph_text) + prep_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
         onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
     )
@@ -382,7 +395,25 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     return conv
 
 
-def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
+def _composite_notes(graph_text: str) -> list[Message]:
+    """Info messages for the torch ops of the graph that went through coreml_lab's composites."""
+    return [msgs.make("info", f"aten::{name} has no coremltools translation; converted through coreml_lab's "
+                      f"composite ({how}), tested against torch", "coreml_lab")
+            for name, how in torch_ops.COMPOSITES.items()
+            if re.search(rf"aten::{name}\b|aten\.{name}\b|torch\.{name}\(", graph_text)]
+
+
+def _named_outputs(source: Source, options: ConversionOptions, inputs: ExampleInputs | None) -> tuple | None:
+    """Output names the model itself gives (a Hugging Face ModelOutput's ``logits`` ...), unless the options name them."""
+    if options.outputs is not None or source.kind != "module":
+        return None
+    names = getattr(source.model, "output_names", None)
+    if not names or (inputs is not None and set(names) & set(inputs.names)):
+        return None
+    return tuple(names)
+
+
+def _convert_with_mapping(convertible, ct_inputs, kwargs: dict):
     """ct.convert through coremltools' op-mapping helper, which also records the torch module of
     every MIL op. That helper is experimental: if it fails, convert plainly (layers are then
     named from scopes) and say so."""
@@ -391,11 +422,10 @@ def _convert_with_mapping(convertible, ct_inputs, options: ConversionOptions):
     from .mapping import chains_from_coremltools
 
     try:
-        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs,
-                                                           **options.convert_kwargs())
+        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs, **kwargs)
         return mlmodel, chains_from_coremltools(mapping)
     except Exception as exc:  # noqa: BLE001 - the plain conversion decides whether the model converts
-        mlmodel = ct.convert(convertible, inputs=ct_inputs, **options.convert_kwargs())
+        mlmodel = ct.convert(convertible, inputs=ct_inputs, **kwargs)
         warnings.warn(f"coremltools' op mapping failed ({type(exc).__name__}: {str(exc)[:200]}); "
                       "layer names come from op scopes instead", stacklevel=2)
         return mlmodel, {}

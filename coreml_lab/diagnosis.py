@@ -137,7 +137,8 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
 
 def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
     """The FP32 conversion a diagnosis measures against, through coremltools' op mapping."""
-    return convert(None, options=opts.replace(precision="fp32", fp32_ops=()), prepared=prep, layer_mapping=True)
+    return convert(None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep,
+                   layer_mapping=True)
 
 
 def _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local, profiles,

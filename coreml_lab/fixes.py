@@ -27,6 +27,7 @@ import numpy as np
 from .convert import Conversion, ConversionError, convert, prepare
 from .diagnosis import diagnose
 from .emulator import EmulatedModel
+from .feeds import dataset
 from .fp16 import FP16_MAX, RangeStats
 from .options import ConversionOptions, as_options, final_op_name
 from .reference import reference_outputs
@@ -360,7 +361,6 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
     """
     from tqdm.auto import tqdm
 
-    from .diagnosis import dataset
 
     start = time.perf_counter()
     opts = as_options(options)
@@ -522,7 +522,7 @@ def suggest_fixes(report, model=None, example_inputs=None, tolerance: float = 1e
                               f"every compute unit is within tolerance {tolerance:g}", True, max(worst.values() or [0])))
     if report.ok and opts.precision != "fp32" and (bad or flips):
         if verify and model is not None:
-            conv = convert(model, example_inputs, opts.replace(precision="fp32", fp32_ops=()))
+            conv = convert(model, example_inputs, opts.replace(precision="fp32", fp32_ops=(), compression=None))
             prep = prepare(model, example_inputs)
             feeds = [prep.inputs.as_numpy()]
             e = measure(conv, feeds, reference_outputs(prep.source.reference, prep.inputs, feeds), CHECK_UNITS)

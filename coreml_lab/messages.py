@@ -124,6 +124,32 @@ _CATALOGUE: list[tuple[re.Pattern, Explanation]] = [
         title="ML Programs need iOS15 / macOS12",
         meaning="ML Programs (convert_to='mlprogram') exist from iOS15 / macOS12 on.",
         fix="Choose target='iOS15' or later, or convert_to='neuralnetwork' for older OS versions.")),
+    (re.compile(r"_transformer_encoder_layer_fwd|_native_multi_head_attention|_transformer_decoder_only_layer_fwd"),
+     Explanation(
+        key="mha_fast_path",
+        title="torch's fused transformer fast path",
+        meaning=("In eval mode under no_grad, nn.TransformerEncoderLayer and nn.MultiheadAttention run torch's fused "
+                 "kernels (aten::_transformer_encoder_layer_fwd, aten::_native_multi_head_attention); a trace taken "
+                 "then records those fused ops, which coremltools has no translation for."),
+        fix=("Pass the nn.Module itself: coreml_lab traces it with the fast path off. Tracing yourself: "
+             "torch.backends.mha.set_fastpath_enabled(False) around torch.jit.trace (and restore it after), or "
+             "trace in train() mode with dropout=0."))),
+    (re.compile(r"unordered_map::at"), Explanation(
+        key="trace_vmap",
+        title="torch.jit.trace cannot record torch.vmap",
+        meaning=("The forward calls torch.vmap or an autograd.Function under a function transform, which the "
+                 "TorchScript tracer cannot record. Hugging Face models (transformers >= 4.53) build their causal "
+                 "and padding masks that way (transformers.masking_utils)."),
+        fix=("Pass the Hugging Face model itself (with its inputs by name) to coreml_lab: it evaluates the masks "
+             "by broadcasting while tracing. Tracing yourself: pass an explicit 4D attention mask, or wrap the "
+             "model so the mask is computed from plain tensor ops; then return_dict=False, use_cache=False."))),
+    (re.compile(r"Unsupported fx node (\w+)"), Explanation(
+        key="unsupported_fx_node",
+        title="Torch op not supported by coremltools' torch.export frontend",
+        meaning="coremltools' torch.export (fx) frontend has no translation for this aten op.",
+        fix=("Register a composite with coremltools.converters.mil.frontend.torch.register_torch_op (both frontends "
+             "use it; coreml_lab registers aten::diff and aten::new_ones this way), rewrite that part of the model, "
+             "or convert through torch.jit.trace (pass the nn.Module; coreml_lab tries tracing first)."))),
     (re.compile(r"convert function for op '([^']+)' not implemented", re.I), Explanation(
         key="unsupported_torch_op",
         title="Torch op not supported by coremltools",

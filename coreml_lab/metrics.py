@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .fp16 import FP16_MIN_SUBNORMAL
+#: the smallest FP16 subnormal (fp16.FP16_MIN_SUBNORMAL; metrics sits below fp16 in the layers)
+FP16_MIN_SUBNORMAL = 2.0 ** -24
 
 #: histogram bin edges of log10 |a - r| (exact matches and non-finite values are counted apart)
 HIST_EDGES = np.arange(-12.0, 4.01, 0.25)

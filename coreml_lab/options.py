@@ -61,6 +61,13 @@ class ConversionOptions:
     inputs: optional ``ct.TensorType`` / ``ct.ImageType`` specs (names, shapes,
         dtypes, flexible shapes); by default they are derived from example inputs.
     outputs: optional ``ct.TensorType`` specs for the outputs (e.g. FP16 outputs).
+    compression: weight compression applied after conversion with ``coremltools.optimize.coreml``:
+        a coremltools ``OptimizationConfig`` (or a list of them: joint compression, applied in
+        order) or a short spec - ``"palettize4"`` (k-means, also 1/2/3/6/8 bits),
+        ``"int8-per-channel"``, ``"int8-per-tensor"``, ``"int4-per-block32"`` (iOS18),
+        ``"prune50"``, joint forms such as ``"prune50+palettize4"`` or ``"prune50+int8"``.
+        Held as a frozen :class:`coreml_lab.compression.Compression`; a spec coremltools rejects
+        for ``target`` raises an error naming the minimum target.
     """
 
     precision: str = "fp16"
@@ -70,6 +77,7 @@ class ConversionOptions:
     compute_units: str = "ALL"
     inputs: tuple | None = None
     outputs: tuple | None = None
+    compression: Any = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -97,6 +105,15 @@ class ConversionOptions:
                         raise TypeError(f"{field} must be ct.TensorType / ct.ImageType / ct.StateType, "
                                         f"got {type(s).__name__}")
                 object.__setattr__(self, field, specs)
+        if self.compression is not None:
+            from .compression import as_compression, check_target
+
+            compression = as_compression(self.compression)
+            if self.convert_to != "mlprogram":
+                raise ValueError("compression applies to ML Programs (convert_to='mlprogram'), "
+                                 f"got convert_to={self.convert_to!r}")
+            check_target(compression, self.target)
+            object.__setattr__(self, "compression", compression)
 
     # ------------------------------------------------------------------ ct.convert
     @property
@@ -144,7 +161,8 @@ class ConversionOptions:
     # ------------------------------------------------------------------ cache key
     def key(self) -> str:
         """Stable text for the conversion cache key and for reports."""
-        return json.dumps({
+        extra = {"compression": self.compression.key()} if self.compression is not None else {}
+        return json.dumps({**extra,
             "precision": self.precision, "fp32_ops": list(self.fp32_ops), "target": self.target,
             "convert_to": self.convert_to, "compute_units": self.compute_units,
             "inputs": [_spec_repr(s) for s in self.inputs] if self.inputs else None,
@@ -152,7 +170,10 @@ class ConversionOptions:
         }, sort_keys=True)
 
     def to_dict(self) -> dict:
-        return json.loads(self.key())
+        d = json.loads(self.key())
+        if self.compression is not None:  # the spec round-trips through ConversionOptions(**d)
+            d["compression"] = self.compression.spec
+        return d
 
 
 def _spec_repr(spec) -> str:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .traceable import Traceable, fast_path_modules, is_huggingface, tensor_only_kwargs
+
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 EXPORTED_SUFFIXES = (".pt2",)
 ONNX_SUFFIXES = (".onnx",)
@@ -114,6 +116,17 @@ class Source:
     notes: list = field(default_factory=list)
 
 
+def _keyword_params(fn) -> tuple[list[str], list[str]] | None:
+    """(names of the parameters ``fn`` takes by name, those without a default); None if unknown."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in sig.parameters.values() if p.name != "self" and p.kind in
+             (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in named], [p.name for p in named if p.default is p.empty]
+
+
 def _forward_param_names(fn) -> list[str] | None:
     try:
         sig = inspect.signature(fn)
@@ -139,8 +152,12 @@ def _as_tensor(value, what: str) -> torch.Tensor:
     raise ExampleInputsError(f"example input {what} must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
 
-def example_inputs(example, names: Sequence[str] | None = None) -> ExampleInputs:
-    """Normalise a tensor, a sequence of tensors or a name -> tensor dict into ExampleInputs."""
+def example_inputs(example, names: Sequence[str] | None = None, required: Sequence[str] | None = None) -> ExampleInputs:
+    """Normalise a tensor, a sequence of tensors or a name -> tensor dict into ExampleInputs.
+
+    A dict (or a Hugging Face ``BatchEncoding``) keeps its names, in the order of ``names``;
+    it must hold every name of ``required`` (default: all of ``names``) and nothing else.
+    """
     if isinstance(example, ExampleInputs):
         return example
     if example is None:
@@ -152,7 +169,7 @@ def example_inputs(example, names: Sequence[str] | None = None) -> ExampleInputs
         keys = list(example)
         if names is not None:
             unknown = [k for k in keys if k not in names]
-            missing = [n for n in names if n not in example]
+            missing = [n for n in (names if required is None else required) if n not in example]
             if unknown or missing:
                 raise ExampleInputsError(
                     f"example input names {keys} do not match the model's inputs {list(names)}"
@@ -207,22 +224,53 @@ def load_source(model, example=None) -> tuple[Source, ExampleInputs | None]:
         _check_runs(model, inputs, "TorchScript module", f"forward({', '.join(names or ['...'])})")
         return Source("torchscript", model, reference=model, module=model), inputs
     if isinstance(model, torch.nn.Module):
-        names = _forward_param_names(model.forward)
-        inputs = example_inputs(example, names)
-        notes = []
-        ref = model
-        if model.training:
-            ref = copy.deepcopy(model).eval()
-            notes.append("the model was in training mode; an eval-mode copy was converted "
-                         "(your model was left as it was)")
-        _check_runs(ref, inputs, f"model {type(model).__name__}.forward",
-                    f"forward({', '.join(names) if names is not None else '*args'})")
-        return Source("module", ref, reference=ref, module=ref, notes=notes), inputs
+        return _load_module(model, example)
     raise SourceError(
         f"unsupported model type {type(model).__name__}: expected a torch.nn.Module, a TorchScript module, "
         "a torch.export.ExportedProgram, a coremltools MLModel, or a path to a "
         f"{'/'.join(TORCHSCRIPT_SUFFIXES + EXPORTED_SUFFIXES + ONNX_SUFFIXES + COREML_SUFFIXES)} file"
     )
+
+
+def _load_module(model: torch.nn.Module, example) -> tuple[Source, ExampleInputs]:
+    """An eager module; called through :class:`~coreml_lab.traceable.Traceable` when tracing it as is would fail:
+    a Hugging Face model, inputs given by keyword, or torch's fused MHA fast path."""
+    names = _forward_param_names(model.forward)
+    hf = is_huggingface(model)
+    keyword = _keyword_params(model.forward) if isinstance(example, Mapping) or hf else None
+    if keyword is not None and isinstance(example, Mapping):
+        inputs = example_inputs(example, keyword[0], required=keyword[1])
+    elif keyword is not None:
+        inputs = example_inputs(example, keyword[0])
+    else:
+        inputs = example_inputs(example, names)
+    notes = []
+    ref = model
+    if model.training:
+        ref = copy.deepcopy(model).eval()
+        notes.append("the model was in training mode; an eval-mode copy was converted "
+                     "(your model was left as it was)")
+    positional = names is not None and list(inputs.names) == names[:len(inputs)]
+    fast = fast_path_modules(ref)
+    if hf or not positional or fast:
+        fixed = tensor_only_kwargs(ref) if hf else {}
+        ref = Traceable(ref, inputs.names, fixed)
+        call = ", ".join([f"{n}=..." for n in inputs.names] + [f"{k}={v}" for k, v in fixed.items()])
+        if hf or not positional:
+            notes.append(f"traced as {type(model).__name__}({call}), tensors out; the converted inputs keep "
+                         "these names")
+        if fast:
+            notes.append("torch's fused fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer "
+                         "(aten::_native_multi_head_attention, aten::_transformer_encoder_layer_fwd), which "
+                         "coremltools cannot convert, was switched off while tracing and in the reference runs "
+                         f"(torch.backends.mha.set_fastpath_enabled(False), restored after; modules: "
+                         f"{', '.join(fast[:4])}{' ...' if len(fast) > 4 else ''})")
+    expected = ", ".join(inputs.names if not positional else (names or ["*args"]))
+    _check_runs(ref, inputs, f"model {type(model).__name__}.forward", f"forward({expected})")
+    if getattr(ref, "built_masks", False):
+        notes.append("Hugging Face attention masks (transformers.masking_utils) were built by broadcasting "
+                     "instead of torch.vmap, which tracing cannot record (the same values)")
+    return Source("module", ref, reference=ref, module=ref, notes=notes), inputs
 
 
 def _load_path(path: Path, example) -> tuple[Source, ExampleInputs | None]:

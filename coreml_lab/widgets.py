@@ -22,6 +22,7 @@ import sample_models
 
 from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
+from .emulator.profiles import DEFAULT_NE_GENERATION, NE_GENERATIONS, ne_profile
 from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
 
 YOUR_MODEL = "(your model)"
@@ -65,6 +66,11 @@ class Lab:
                               description="Package", layout=W.Layout(width="420px"))
         #: ... or against the chosen model, the one it came from
         self.with_source = W.Checkbox(value=False, description="against the chosen model", indent=False)
+        # the Neural Engine generation the emulated CPU_AND_NE / ALL model (profiles.NE_GENERATIONS)
+        self.ne_chip = W.Dropdown(
+            options=[(f"{g.name}: {g.chips}" + (" (default)" if g.name == DEFAULT_NE_GENERATION else ""), g.name)
+                     for g in NE_GENERATIONS.values()],
+            value=DEFAULT_NE_GENERATION, description="NE chip", layout=W.Layout(width="420px"))
         self.button = W.Button(description="Convert and diagnose", button_style="primary", icon="play",
                                layout=W.Layout(width="220px"))
         self.status = W.HTML(value="")
@@ -82,13 +88,20 @@ class Lab:
         self._refresh_op_types()
         options_box = W.VBox([
             W.HBox([self.model_choice, self.target, self.convert_to]),
-            W.HBox([self.precision, self.runtime]),
+            W.HBox([self.precision, self.runtime, self.ne_chip]),
             W.HBox([self.compute_units, self.fp32_ops]),
             W.HBox([self.package, self.with_source]),
             W.HBox([self.button, self.status]),
         ])
         self.widget = W.VBox([W.HTML("<h3 style='margin:0'>coreml_lab</h3>"), options_box, self.error,
                               self.progress, self.tabs])
+
+    def selected_units(self) -> list:
+        """The compute units picked, CPU_AND_NE / ALL modelling the chosen Neural Engine generation."""
+        units = list(self.compute_units.value) or ["CPU_ONLY"]
+        if self.ne_chip.value == DEFAULT_NE_GENERATION:
+            return units
+        return [ne_profile(self.ne_chip.value, u) if u in ("CPU_AND_NE", "ALL") else u for u in units]
 
     # ------------------------------------------------------------------ state
     def _ipython_display_(self):  # pragma: no cover - notebook display
@@ -132,7 +145,7 @@ class Lab:
             model, inputs = self._model()
             if model is None:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
-            units = list(self.compute_units.value) or ["CPU_ONLY"]
+            units = self.selected_units()
             package = self.package.value.strip()
             with self.progress:
                 if package and self.with_source.value:  # the package against the model it came from

@@ -23,6 +23,7 @@ SAMPLES = (
     "ne_hostile",
     "asr_onnx",
     "transformer_mask",
+    "compression_outlier",
 )
 
 

@@ -1,9 +1,11 @@
-"""FP16 overflow to NaN (P1): frame energy of raw audio overflows FP16, outputs become NaN.
+"""FP16 overflow to inf (P1): frame energy of raw audio overflows FP16, outputs become +-inf.
 
 The model takes raw PCM-scale audio frames (|x| up to ~20000, fine in FP16) and
 computes each frame's mean power ``mean(x * x)``. Squares above 65504 - FP16's
-maximum - become inf in the FP16 program; log(inf) is inf, and the classifier
-mixes +inf and -inf into NaN. The FP32 conversion is fine. The op that
+maximum - become inf in the FP16 program; log(inf) is inf, and every logit of the
+classifier becomes +inf or -inf (NaN, the field report's symptom, appears where +inf
+and -inf meet in one sum on the GPU; the Neural Engine never outputs NaN: it returns
++0 for inf - inf, ane-guide). The FP32 conversion is fine. The op that
 overflows is the ``mul`` inside module ``energy`` (:data:`OVERFLOW_MODULE`):
 its inputs are in FP16 range, its output is not.
 """
@@ -59,4 +61,4 @@ def build(seed: int = 0):
     model = AudioEventNet().eval()
     frames = (torch.rand(1, 8, 64, generator=g) * 2 - 1) * 20000.0
     return model, (frames,), ("Audio classifier whose frame-energy layer squares raw PCM values: "
-                              "FP16 overflows to inf and the output is NaN; FP32 is fine.")
+                              "FP16 overflows to inf and the outputs are +-inf; FP32 is fine.")

@@ -98,12 +98,13 @@ def test_the_cycle_finder_finds_a_cycle_and_reads_the_package():
 #: or those below it (within a layer, the cycle test keeps the arrows one way).
 LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
-    "workflows": ["targets", "fixes", "lint"],
+    "workflows": ["targets", "compression_fix", "fixes", "lint"],
     "diagnosis": ["diagnosis"],
     "diagnosis parts": ["local_error", "statistics", "pairing", "report"],
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "runtime", "reference", "fp16",
                                        "culprits", "bundle", "plots", "htmlreport"],
-    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent"],
+    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
+                    "traceable", "torch_ops", "compression", "compressed_weights"],
 }
 
 

@@ -249,3 +249,177 @@ def test_onnx_without_extra_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(MissingExtraError) as err:
         cl.convert(path, inputs)
     assert "onnx-import" in str(err.value) and "pip install" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- stock layers, keyword inputs, composites
+
+def transformer_encoder():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    return model, (torch.randn(2, 10, 32),)
+
+
+def test_transformer_encoder_takes_the_fused_fast_path_that_coremltools_cannot_convert():
+    model, inputs = transformer_encoder()
+    with torch.no_grad():  # the premise: traced as is, torch records its fused kernel
+        traced = torch.jit.trace(model, inputs, check_trace=False)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "aten::_transformer_encoder_layer_fwd" in kinds
+    with pytest.raises(ConversionError) as err:  # a TorchScript the kit cannot re-trace: explained
+        cl.convert(traced, inputs, cl.ConversionOptions(), cache=False)
+    assert err.value.explanation.key == "mha_fast_path"
+    assert "_transformer_encoder_layer_fwd" in str(err.value) and "set_fastpath_enabled(False)" in str(err.value)
+
+
+def test_transformer_encoder_converts_emulates_and_diagnoses_with_module_paths():
+    from coreml_lab.emulator import EmulatedModel
+
+    model, inputs = transformer_encoder()
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        conv = cl.convert(model, inputs, cl.ConversionOptions(precision="fp32"), cache=False)
+        want = model(*inputs).numpy()
+    assert torch.backends.mha.get_fastpath_enabled(), "the fast-path flag is restored"
+    notes = [m.text for m in conv.messages if "fast path" in m.text]
+    assert len(notes) == 1 and "set_fastpath_enabled(False)" in notes[0] and "layers.0.self_attn" in notes[0]
+    assert conv.method == "torch.jit.trace" and "_transformer_encoder_layer_fwd" not in str(conv.op_types())
+    for unit in ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"):
+        got = next(iter(EmulatedModel(conv.mlmodel, unit).predict({"src": inputs[0].numpy()}).values()))
+        assert np.abs(got - want).max() < (1e-4 if unit == "CPU_ONLY" else 2e-2)
+    with torch.no_grad():
+        report = cl.diagnose(model, inputs, cl.ConversionOptions(precision="fp16"), progress=False)
+    assert torch.backends.mha.get_fastpath_enabled()
+    modules = set(report.layers["module"].dropna())
+    assert {"layers.0.self_attn", "layers.1.linear1", "layers.1.norm2"} <= modules
+    culprits = report.culprits(20, tolerance=1e-6)
+    assert len(culprits) and all(m.startswith("layers.") for m in culprits["module"].dropna())
+    assert report.layers["torch_rel_err"].notna().any(), "torch's own module outputs were compared (hooks fired)"
+
+
+def test_fast_path_flag_is_restored_when_the_forward_fails():
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            assert not torch.backends.mha.get_fastpath_enabled()
+            raise RuntimeError("boom")
+
+    with pytest.raises(ExampleInputsError, match="boom"):
+        cl.convert(Failing().eval(), (torch.randn(1, 3, 8),))
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_models_without_fused_layers_get_no_fast_path_note():
+    model, inputs = tiny()
+    conv = cl.convert(model, inputs, cl.ConversionOptions(), cache=False)
+    assert not any("fast path" in m.text for m in conv.messages)
+    assert conv.source.module is model, "a plain module is traced as it is"
+
+
+def test_dict_inputs_keep_their_names_and_optional_parameters_may_be_left_out():
+    class Optional_(torch.nn.Module):
+        def forward(self, tokens, scale=None, mask=None):
+            out = tokens * 2.0
+            if mask is not None:
+                out = out * mask
+            return out
+
+    tokens, mask = torch.randn(2, 5), (torch.rand(2, 5) > 0.5).float()
+    conv = cl.convert(Optional_(), {"mask": mask, "tokens": tokens}, cl.ConversionOptions(precision="fp32"), cache=False)
+    assert [i.name for i in conv.mlmodel.get_spec().description.input] == ["tokens", "mask"]  # forward's order
+    from coreml_lab.emulator import EmulatedModel
+
+    got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"tokens": tokens.numpy(), "mask": mask.numpy()}).values()))
+    assert np.allclose(got, (tokens * 2 * mask).numpy())
+    with pytest.raises(ExampleInputsError, match=r"missing: \['tokens'\]"):
+        cl.convert(Optional_(), {"mask": mask})
+
+
+def test_batch_encoding_inputs_keep_hugging_face_names():
+    from transformers import BatchEncoding, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16)).eval()
+    batch = BatchEncoding({"input_ids": torch.randint(0, 64, (1, 8)), "token_type_ids": torch.zeros(1, 8, dtype=torch.long),
+                           "attention_mask": torch.ones(1, 8, dtype=torch.long)})
+    conv = cl.convert(model, batch, cl.ConversionOptions(precision="fp32"), cache=False)
+    assert [i.name for i in conv.mlmodel.get_spec().description.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask"}, "the user's BatchEncoding is kept"
+    assert model.config.return_dict
+
+
+@pytest.mark.parametrize("case", ["prepend", "append_n2", "dim0", "bool", "plain"])
+def test_diff_composite_matches_torch(case):
+    from coreml_lab.emulator import EmulatedModel
+
+    class Diff(torch.nn.Module):
+        def forward(self, x, extra):
+            if case == "prepend":
+                return torch.diff(x, dim=-1, prepend=extra)
+            if case == "append_n2":
+                return torch.diff(x, n=2, dim=-1, append=extra)
+            if case == "dim0":
+                return torch.diff(x, dim=0)
+            if case == "bool":
+                return torch.diff(x > 0, dim=1).float()
+            return torch.diff(x)
+
+    torch.manual_seed(1)
+    x, extra = torch.randn(3, 7), torch.randn(3, 2)
+    conv = cl.convert(Diff(), (x, extra), cl.ConversionOptions(precision="fp32"), cache=False)
+    assert any("aten::diff" in m.text and "composite" in m.text for m in conv.messages)
+    got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"x": x.numpy(), "extra": extra.numpy()}).values()))
+    want = Diff()(x, extra).numpy()
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bool, torch.float32, torch.int64])
+def test_new_ones_composite_matches_torch(dtype):
+    from coreml_lab.emulator import EmulatedModel
+
+    class NewOnes(torch.nn.Module):
+        def forward(self, x):
+            ones = x.new_ones((2, x.shape[1]), dtype=dtype) if dtype is not None else x.new_ones((2, x.shape[1]))
+            return x + ones.float() if ones.dtype != torch.float32 else x + ones
+
+    x = torch.randn(2, 5)
+    conv = cl.convert(NewOnes(), (x,), cl.ConversionOptions(precision="fp32"), cache=False)
+    got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"x": x.numpy()}).values()))
+    assert np.allclose(got, NewOnes()(x).numpy())
+
+
+def test_composites_never_override_coremltools():
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    from coreml_lab import torch_ops
+
+    torch_ops.register()
+    assert torch_ops.register() == []  # idempotent
+    assert _TORCH_OPS_REGISTRY["diff"] is torch_ops.diff
+    assert _TORCH_OPS_REGISTRY["add"].__module__.startswith("coremltools")
+    assert set(torch_ops.COMPOSITES) <= set(_TORCH_OPS_REGISTRY.name_to_func_mapping)
+
+
+def test_unsupported_fx_node_is_explained():
+    exp = messages.explain("Unsupported fx node diff, kind diff")
+    assert exp.key == "unsupported_fx_node" and "register_torch_op" in exp.fix
+
+
+def test_new_ones_composite_with_a_flexible_size_fills_at_run_time():
+    from coreml_lab.emulator import EmulatedModel
+
+    class NewOnes(torch.nn.Module):
+        def forward(self, x):
+            return x + x.new_ones((2, x.shape[1]))
+
+    options = cl.ConversionOptions(precision="fp32", inputs=(ct.TensorType(name="x", shape=(2, ct.RangeDim(1, 16, default=5))),))
+    conv = cl.convert(NewOnes(), (torch.randn(2, 5),), options, cache=False)
+    assert "fill" in conv.op_types()  # the size is only known at run time
+    for n in (3, 7):
+        x = torch.randn(2, n)
+        got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"x": x.numpy()}).values()))
+        assert np.allclose(got, NewOnes()(x).numpy())

@@ -51,8 +51,12 @@ def profiles_markdown() -> str:
         "How each compute unit holds and computes FP16-typed ops (FP32-typed ops are always FP32;",
         "the Neural Engine does not run them). `storage`: dtype of FP16-declared tensors;",
         "`compute`: arithmetic inside a composite op; `accumulate`: running sums and dot products",
-        "(FP16 accumulation is pairwise for reductions, sequential for dot products - see",
-        "`coreml_lab/emulator/numerics.py`).",
+        "(FP16 accumulation, used only by the what-if variants, is pairwise for reductions and",
+        "sequential for dot products - see `coreml_lab/emulator/numerics.py`).",
+        "",
+        "The Neural Engine profile is calibrated to published device measurements",
+        "(`neural_engine_facts.md`): every fact below carries its source and the chips it was measured",
+        "on, and is either reproduced by the named test or listed as left out with the reason.",
         "",
     ]
     for name, prof in profiles.PROFILES.items():
@@ -61,6 +65,45 @@ def profiles_markdown() -> str:
         for r in profiles.describe(prof):
             lines.append(f"| {r['device']} | {r['family']} | {r['storage']} | {r['compute']} | {r['accumulate']} |")
         lines.append("")
+    default = profiles.DEFAULT_NE_GENERATION
+    lines += ["## Neural Engine generations (profile variants)", "",
+              f"`CPU_AND_NE` and `ALL` model the **{default}** generation by default: "
+              f"{profiles.NE_GENERATIONS[default].chips} - the devices an app ships to today. Pick another",
+              "with one argument: `ne_profile(\"M1\")` in the API (usable wherever a compute unit is, e.g.",
+              "`diagnose(..., compute_units=(\"CPU_AND_NE\", ne_profile(\"M1\")))`), the *NE chip* dropdown of",
+              "the widgets, or `--ne-chip M1` on the command line.", "",
+              "| variant | chips | names accepted | generation rules | differs by |", "|---|---|---|---|---|"]
+    for gen in profiles.NE_GENERATIONS.values():
+        rules = ", ".join(f"`{r}`" for r in sorted(gen.rules)) or "-"
+        lines.append(f"| {gen.name} | {gen.chips} | {', '.join(gen.aliases)} | {rules} | {gen.summary} |")
+    lines += ["", "## Neural Engine rules", "",
+              "Rules every generation has: " + ", ".join(f"`{r}`" for r in sorted(profiles.NE_COMMON_RULES)) + ".",
+              ""]
+    for rule, text in profiles.NE_RULES.items():
+        lines.append(f"- `{rule}`: {text}")
+    lines += ["", "## Neural Engine hazards (field reports through Core ML)", ""]
+    for rule, text in profiles.HAZARDS.items():
+        lines.append(f"- `{rule}`: {text}")
+    lines += ["", "## Facts encoded, with sources", "",
+              "| fact | device | measured on | source | encoded as | test |", "|---|---|---|---|---|---|"]
+    for f in profiles.FACTS:
+        if not f.encoded:
+            continue
+        test = f"`{f.test.split('::')[-1]}`" if f.test else "-"
+        lines.append(f"| {f.statement} | {f.device} | {f.chips} | {f.source} | {f.encoded} | {test} |")
+    lines += ["", "Notes on encoded facts:", ""]
+    for f in profiles.FACTS:
+        if f.encoded and f.left_out:
+            lines.append(f"- {f.key}: {f.left_out}.")
+    lines += ["", "## Facts deliberately left out", "", "| fact | source | measured on | why |", "|---|---|---|---|"]
+    for f in profiles.FACTS:
+        if not f.encoded:
+            lines.append(f"| {f.statement} | {f.source} | {f.chips} | {f.left_out} |")
+    lines += ["", "Activation tables are modelled as the exact function rounded to FP16 (the knots are not",
+              "published, and the source measures the device within about half an FP16 ulp of that);",
+              "the published worst-case errors are kept as `profiles.ACTIVATION_ERROR` "
+              f"({', '.join(f'{k} {v}' for k, v in profiles.ACTIVATION_ERROR.items())}).", "",
+              "Sources: " + "; ".join(f"**{k}** {v}" for k, v in profiles.SOURCES.items()) + ".", ""]
     lines += ["## Devices: sources and uncertainties", ""]
     for dev in (profiles.CPU, profiles.GPU, profiles.NE):
         lines.append(f"### {dev.name}")
@@ -71,11 +114,10 @@ def profiles_markdown() -> str:
             lines.append(f"- Ops it does not run (fall back to the next device): "
                          f"{', '.join(f'`{o}`' for o in sorted(dev.unsupported_ops))}")
         lines.append("")
-    lines += ["## Neural Engine hazards (naive FP16 formulas inside one op)", ""]
-    for rule, text in profiles.HAZARDS.items():
-        lines.append(f"- `{rule}`: {text}")
-    lines += ["", "Variants: `strict_fp16_cpu()`, `gpu_fp16_accumulation()`, `ne_fp16_accumulation()`;",
-              "any field can be changed with `DeviceProfile.with_device(name, ...)`.", ""]
+    lines += ["Variants: `ne_profile(chip)`, `strict_fp16_cpu()`, `gpu_fp16_accumulation()`,",
+              "`ne_fp16_accumulation()` (a what-if: the NE summing in FP16, which the device does not do);",
+              "any field can be changed with `DeviceProfile.with_device(name, ...)`; `provenance(profile)`",
+              "gives the profile, variant, chips and facts a report's environment shows.", ""]
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ from .profiles import (
                        get_profile,
                        gpu_fp16_accumulation,
                        ne_fp16_accumulation,
+                       ne_profile,
+                       provenance,
                        strict_fp16_cpu,
 )
 from .program import NotAnMLProgramError
@@ -24,6 +26,6 @@ from .registry import coverage_rows, supported_ops
 __all__ = [
     "EmulatedModel", "EmulatedState", "EmulatorInputError", "OpRecord", "UnsupportedOpError",
     "OpExecutionError", "NotAnMLProgramError", "PROFILES", "Device", "DeviceProfile", "Precision",
-    "get_profile", "strict_fp16_cpu", "gpu_fp16_accumulation", "ne_fp16_accumulation",
+    "get_profile", "strict_fp16_cpu", "gpu_fp16_accumulation", "ne_fp16_accumulation", "ne_profile", "provenance",
     "supported_ops", "coverage_rows",
 ]

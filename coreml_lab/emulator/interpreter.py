@@ -241,7 +241,7 @@ class Step:
     """One compiled op."""
 
     __slots__ = ("op", "kernel", "inputs", "outputs", "device", "precision", "hazards", "module",
-                 "blocks", "frees", "call", "interpreter")
+                 "blocks", "frees", "call", "interpreter", "coerce", "nan_out", "boundary_hit")
 
     def sources(self):
         """Every input source in input order, tuple members included: a var name or a ``_Const``."""
@@ -250,6 +250,11 @@ class Step:
 
     def run(self, env) -> list:
         call = self.call
+        self.boundary_hit = False  # whether the NE's NaN boundary changed a value in this run
+        if self.coerce:
+            coerced = _nan_to_inf(env, self.coerce)
+            self.boundary_hit = coerced is not env
+            env = coerced
         call.env = env
         try:
             result = self.kernel.fn(call)
@@ -276,8 +281,40 @@ class Step:
                 value = dtypes.to_torch(value)
             if isinstance(value, torch.Tensor) and storage is not None and value.dtype != storage:
                 value = value.to(storage)
+            if self.nan_out and isinstance(value, torch.Tensor) and value.is_floating_point():
+                zeroed = _indeterminate_to_zero(value)
+                self.boundary_hit = self.boundary_hit or zeroed is not value
+                value = zeroed
             out.append(value)
         return out
+
+
+# -- Neural Engine op boundary (profiles.NE_RULES): NaN enters as +inf, never leaves
+
+
+def _nan_to_inf(env, names):
+    """``env`` with NaN replaced by +inf in the values ``names`` (a view; the values stay untouched)."""
+    over = None
+    for name in names:
+        v = env[name]
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and _has_nan(v):
+            over = over if over is not None else {}
+            over[name] = torch.where(torch.isnan(v), torch.tensor(torch.inf, dtype=v.dtype), v)
+    return env if over is None else ChainMap(over, env)
+
+
+def _has_nan(value: torch.Tensor) -> bool:
+    """Whether ``value`` holds a NaN; one FP32 sum (no temporary) settles the common all-finite case."""
+    if value.numel() == 0 or bool(torch.isfinite(value.sum(dtype=torch.float32))):
+        return False
+    return bool(torch.isnan(value).any())
+
+
+def _indeterminate_to_zero(value: torch.Tensor) -> torch.Tensor:
+    """An indeterminate result (NaN) as the Neural Engine returns it: +0."""
+    if _has_nan(value):
+        return torch.where(torch.isnan(value), torch.zeros((), dtype=value.dtype), value)
+    return value
 
 
 class BlockPlan:
@@ -306,6 +343,7 @@ class BlockPlan:
 
     def _compile(self) -> None:
         interp = self.interpreter
+        boundary_outputs: set[str] = set()  # values produced behind the NE's input boundary (no NaN)
         for op in self.block.operations:
             if op.op_type == "const":
                 val = op.outputs[0].val
@@ -335,6 +373,15 @@ class BlockPlan:
                 declared = dtypes.var_dtype(v)
                 step.outputs.append((v.name, declared, _storage_dtype(declared, step.precision)))
             step.blocks = [BlockPlan(b, interp) for b in op.blocks]
+            rules = _device_rules(interp.profile, step.device) if is_fp16 else frozenset()
+            step.coerce = ()
+            step.nan_out = False
+            if "nan_to_inf_at_input" in rules:
+                step.coerce = tuple(dict.fromkeys(
+                    s for s in step.sources() if isinstance(s, str) and s not in boundary_outputs))
+                boundary_outputs.update(v.name for v in op.outputs)
+            if "indeterminate_to_zero" in rules and not kernel.exact and not op.blocks:
+                step.nan_out = True
             step.interpreter = interp
             step.call = OpCall(step)
             step.frees = ()
@@ -425,11 +472,23 @@ def _is_fp16_op(op) -> bool:
     return False
 
 
+#: the device rules a shape/index kernel follows (the M1 width-slice gain)
+_EXACT_RULES = {"slice_by_index": frozenset({"width_slice_gain_16"}),
+                "slice_by_size": frozenset({"width_slice_gain_16"})}
+
+
 def _placement_exact(profile: DeviceProfile, op, kernel, is_fp16: bool):
-    """Shape/index ops: placed like any op (for the record) but never change values."""
-    device, precision, _ = profile.place(op.op_type, kernel.family, is_fp16)
+    """Shape/index ops: placed like any op (for the record) but never change values (except
+    where a device rule says so, _EXACT_RULES)."""
+    device, precision, hazards = profile.place(op.op_type, kernel.family, is_fp16)
     storage = precision.storage if is_fp16 else "fp32"
-    return device, Precision(storage, storage, storage) if storage == "fp16" else FP32_EXACT, frozenset()
+    rules = hazards & _EXACT_RULES.get(op.op_type, frozenset())
+    return device, Precision(storage, storage, storage) if storage == "fp16" else FP32_EXACT, rules
+
+
+def _device_rules(profile: DeviceProfile, device: str) -> frozenset:
+    """The rules (hazards and NE_RULES) of the device an op was placed on."""
+    return profile.device(device).hazards
 
 
 def _storage_dtype(declared: str, precision: Precision) -> torch.dtype | None:

@@ -89,6 +89,7 @@ def same_computation(step: Step, other: Step, paired: dict) -> bool:
     if (step.op.op_type != other.op.op_type or step.kernel is not other.kernel or step.blocks or other.blocks
             or step.kernel.family == "constexpr" or step.op.op_type == "cast"
             or step.precision != other.precision or step.hazards != other.hazards
+            or bool(step.coerce) != bool(other.coerce) or step.nan_out != other.nan_out
             or [s for _, _, s in step.outputs] != [s for _, _, s in other.outputs]
             or set(step.inputs) != set(other.inputs)):
         return False
@@ -117,6 +118,28 @@ def _same_const(a: _Const, b: _Const, compute: torch.dtype) -> bool:
         dt = torch.empty(0, dtype=compute).numpy().dtype
         return bool(np.array_equal(va.astype(dt), vb.astype(dt)))
     return va.dtype == vb.dtype and bool(np.array_equal(va, vb))
+
+
+def _boundary(step: Step) -> bool:
+    """Whether a step applies the Neural Engine's NaN boundary (interpreter: NaN in -> +inf, NaN out -> +0)."""
+    return bool(getattr(step, "coerce", ())) or getattr(step, "nan_out", False)
+
+
+def _nan_free(values) -> bool:
+    return not any(isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isnan(v).any())
+                   for v in values)
+
+
+def _interchangeable(hit, step: Step, env, names) -> bool:
+    """Whether the result ``hit`` (out, the step that computed it, its env) of a step with an equal
+    signature and the same input tensors is also ``step``'s: always when both or neither apply the
+    NE's NaN boundary; otherwise only when the boundary changed nothing (no NaN in or out)."""
+    out, other, other_env = hit
+    if _boundary(other) == _boundary(step):
+        return True
+    if _boundary(other):
+        return not other.boundary_hit
+    return _nan_free(out) and _nan_free(other_env[n] for n in names)
 
 
 class SharedRun:
@@ -161,11 +184,12 @@ class SharedRun:
                 self.reused_steps += 1
             else:
                 key = share_key(step, env, names) if self.share else None
-                out = done.get(key) if key is not None else None
+                hit = done.get(key) if key is not None else None
+                out = hit[0] if hit is not None and _interchangeable(hit, step, env, names) else None
                 if out is None:
                     out = step.run(env)
-                    if key is not None:
-                        done[key] = out
+                    if key is not None and key not in done:
+                        done[key] = (out, step, env)
                 else:
                     self.shared_steps += 1
             for (name, _, _), value in zip(step.outputs, out):

@@ -8,6 +8,10 @@ the operands are widened and summed in FP32. With FP16 accumulation sums are
 overflow of any partial sum to inf is kept. Dot products with FP16 accumulation
 are *sequential* over the reduced dimension (each product and each running sum
 rounded to FP16): the worst case, documented in docs/device_profiles.md.
+
+:func:`mac_port` is the output port of a Neural Engine multiply-accumulate (device rules in
+``profiles.NE_RULES``): the wide sum is rounded to FP16, denormals are flushed where the chip
+does, the 2^15 ceiling turns 32,768 and above into inf, and the bias is added in FP16.
 """
 
 from __future__ import annotations
@@ -160,3 +164,29 @@ def _conv_fp16_accumulate(x, weight, bias, stride, padding, dilation, groups):
     if bias is not None:
         out = out + bias.to(FP16).view(1, -1, *([1] * nd))
     return out
+
+
+#: smallest normal FP16 magnitude; below it a value is denormal
+FP16_MIN_NORMAL = 2.0 ** -14
+
+
+def mac_port(y: torch.Tensor, bias: torch.Tensor | None = None, bias_shape=None, *, ceiling: bool = True,
+             flush_denormals: bool = False, bias_fp16: bool = True) -> torch.Tensor:
+    """A Neural Engine multiply-accumulate output: ``y`` (the wide sum) rounded to FP16, then
+    denormals flushed to +0 (``flush_denormals``), then every magnitude >= 2^15 made inf
+    (``ceiling``: 32,752 stays finite, 32,768 is inf), then ``bias`` (viewed as ``bias_shape``)
+    added in FP16 (or in y's dtype before rounding when not ``bias_fp16``)."""
+    if bias is not None and not bias_fp16:
+        y = y + bias.to(y.dtype).view(bias_shape if bias_shape is not None else bias.shape)
+        bias = None
+    y = y.to(FP16)
+    if flush_denormals:
+        y = torch.where(y.abs() < FP16_MIN_NORMAL, torch.zeros((), dtype=FP16), y)
+    if ceiling and y.numel():
+        lo, hi = torch.aminmax(y)
+        if not (hi < 32768.0 and lo > -32768.0):  # (NaN compares False: take the slow path)
+            # exact in FP16 below the ceiling: doubling overflows to inf exactly when |y| >= 2^15
+            y = (y * 2.0) * 0.5
+    if bias is not None:
+        y = y + bias.to(FP16).view(bias_shape if bias_shape is not None else bias.shape)
+    return y

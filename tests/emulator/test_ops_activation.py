@@ -237,13 +237,13 @@ def test_softmax_large_logits_fp16_neural_engine():
 
 
 def test_softmax_sums_with_profile_accumulation():
-    # NE activation ops accumulate in FP16 (pairwise); switching the profile's accumulation to FP32
-    # must change the result (the kernel sums through numerics with call.accumulate)
-    from coreml_lab.emulator.profiles import PROFILES, Precision
+    # the FP16-accumulation NE variant sums softmax in FP16 (pairwise); the calibrated NE profile
+    # accumulates wide (ane-guide): the two must differ (the kernel sums through numerics with call.accumulate)
+    from coreml_lab.emulator.profiles import PROFILES, Precision, ne_fp16_accumulation
 
     x = _randn(2, 3000, scale=2.0, seed=5).numpy()
     ml16 = convert_mil(lambda v: mb.softmax(x=v, axis=1), [x], precision="fp16")
-    (fp16_acc,) = mil_outputs(ml16, [x], "CPU_AND_NE")
+    (fp16_acc,) = mil_outputs(ml16, [x], ne_fp16_accumulation())
     acc32 = PROFILES["CPU_AND_NE"].with_device("NE", fp16={"activation": Precision("fp16", "fp16", "fp32")})
     (fp32_acc,) = mil_outputs(ml16, [x], acc32)
     assert not np.array_equal(fp16_acc, fp32_acc)

@@ -448,3 +448,54 @@ def test_quantize_dequantize_fp16(cu):
     q = np.clip(np.round(x.astype(np.float16).astype(np.float64) / s) + zp, -128, 127)
     want = (q - zp) * s
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------- issue 15: every mode per target
+
+
+@pytest.mark.parametrize("target", ["iOS16", "iOS17", "iOS18"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_kmeans_palettization_per_target(target, precision):
+    # the kit's "palettizeN" specs use k-means (scikit-learn), not the uniform LUTs above
+    cfg = cto.OpPalettizerConfig(mode="kmeans", nbits=4, weight_threshold=10)
+    ml = cto.palettize_weights(base_model(target, precision), cto.OptimizationConfig(global_config=cfg))
+    check_compressed(ml, {"constexpr_lut_to_dense"}, precision)
+
+
+@pytest.mark.parametrize("target", ["iOS16", "iOS17"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ios17_and_ios16_quantize_and_prune(target, precision):
+    check_compressed(quantize(base_model(target, precision), mode="linear_symmetric", dtype="int8",
+                              granularity="per_tensor"), {"constexpr_affine_dequantize"}, precision)
+    check_compressed(prune(base_model(target, precision)), {"constexpr_sparse_to_dense"}, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("cluster_dim", [2, 4])
+def test_ios18_vector_palettization_from_coremltools(precision, cluster_dim):
+    # vector palettes as coremltools' k-means emits them (lut's last dim = cluster_dim)
+    cfg = cto.OpPalettizerConfig(mode="kmeans", nbits=2, cluster_dim=cluster_dim, weight_threshold=10)
+    ml = cto.palettize_weights(base_model("iOS18", precision), cto.OptimizationConfig(global_config=cfg))
+    lut = next(op.lut for op in ml._mil_program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense")
+    assert lut.shape[-1] == cluster_dim
+    check_compressed(ml, {"constexpr_lut_to_dense"}, precision, lossy=True)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ios18_joint_palettize_quantize_lut(precision):
+    # "palettize4+int8": the LUT itself quantized per tensor (lut_to_dense fed by blockwise_shift_scale)
+    ml = quantize(palettize(base_model("iOS18", precision), nbits=4), joint=True, mode="linear_symmetric",
+                  dtype="int8", granularity="per_tensor")
+    check_compressed(ml, {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}, precision)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ios18_joint_prune_kmeans_palettize_grouped(precision):
+    # (coremltools itself rejects joint pruning with enable_per_channel_scale: data/scale rank mismatch)
+    cfg = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=4,
+                                 weight_threshold=10)
+    ml = cto.palettize_weights(prune(base_model("iOS18", precision)), cto.OptimizationConfig(global_config=cfg),
+                               joint_compression=True)
+    check_compressed(ml, {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}, precision)

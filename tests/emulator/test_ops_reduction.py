@@ -30,7 +30,7 @@ from opcheck import (
     run_unary,
 )
 
-from coreml_lab.emulator import EmulatedModel
+from coreml_lab.emulator import EmulatedModel, ne_fp16_accumulation
 
 
 def _randn(*shape, seed=0):
@@ -179,11 +179,13 @@ def _sum_model(n):
 
 
 def test_fp16_sum_of_10000_ones():
+    # "ne" is the FP16-accumulating Neural Engine variant (the calibrated NE accumulates wide:
+    # tests/emulator/test_device_facts.py)
     ml = _sum_model(10000)
     assert "reduce_sum" in op_types(ml)
     x = torch.ones(10000)
     gpu = next(iter(EmulatedModel(ml, "CPU_AND_GPU").predict(feeds([x])).values()))
-    ne = next(iter(EmulatedModel(ml, "CPU_AND_NE").predict(feeds([x])).values()))
+    ne = next(iter(EmulatedModel(ml, ne_fp16_accumulation()).predict(feeds([x])).values()))
     assert float(gpu) == 10000.0  # FP32 accumulation, 10000 is representable in FP16
     # FP16 pairwise: every partial sum is a power-of-two count or an exact remainder -> 10000
     # (a sequential FP16 running sum would stall at 2048)
@@ -195,19 +197,19 @@ def test_fp16_sum_random_matches_references():
     ml = _sum_model(10000)
     x = torch.from_numpy(v.astype(np.float32))
     gpu = float(next(iter(EmulatedModel(ml, "CPU_AND_GPU").predict(feeds([x])).values())))
-    ne = float(next(iter(EmulatedModel(ml, "CPU_AND_NE").predict(feeds([x])).values())))
+    ne = float(next(iter(EmulatedModel(ml, ne_fp16_accumulation()).predict(feeds([x])).values())))
     assert gpu == float(np.float16(np.sum(v.astype(np.float64))))  # FP32 sum, one rounding to FP16
     assert ne == float(_pairwise_fp16(v))                            # FP16 pairwise tree
 
 
 def test_fp16_sum_accumulation_differs_between_gpu_and_ne():
-    # 2048 + 1 rounds back to 2048 in FP16 (spacing 2, ties to even): the NE's pairwise tree
-    # gives (2048 + 1) + (1 + 1) = 2050, FP32 accumulation gives 2051 -> stored as 2052.
+    # 2048 + 1 rounds back to 2048 in FP16 (spacing 2, ties to even): the FP16-accumulating NE
+    # variant's pairwise tree gives (2048 + 1) + (1 + 1) = 2050, FP32 accumulation gives 2051 -> 2052.
     v = np.array([2048, 1, 1, 1], dtype=np.float32)
     ml = _sum_model(4)
     x = torch.from_numpy(v)
     gpu = float(next(iter(EmulatedModel(ml, "CPU_AND_GPU").predict(feeds([x])).values())))
-    ne = float(next(iter(EmulatedModel(ml, "CPU_AND_NE").predict(feeds([x])).values())))
+    ne = float(next(iter(EmulatedModel(ml, ne_fp16_accumulation()).predict(feeds([x])).values())))
     cpu = float(next(iter(EmulatedModel(ml, "CPU_ONLY").predict(feeds([x])).values())))
     assert (cpu, gpu, ne) == (2051.0, 2052.0, 2050.0)
     assert ne == float(_pairwise_fp16(v))

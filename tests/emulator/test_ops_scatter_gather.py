@@ -305,12 +305,15 @@ def test_scatter_ios17_default_mode_and_dropped_out_of_bound(op):
 
 def test_scatter_add_fp16_accumulation_on_ne():
     # 64 updates of 1.0 plus a start of 2048: FP16 sequential adds stall (2048 + 1 rounds to 2048),
-    # while an FP32 accumulator (GPU) gets 2112 and stores it exactly in FP16.
+    # while an FP32 accumulator (GPU) gets 2112 and stores it exactly in FP16. "ne" is the
+    # FP16-accumulating NE variant (the calibrated NE accumulates wide, like the GPU).
+    from coreml_lab.emulator import ne_fp16_accumulation
+
     data = np.full((2, 1), 2048.0, np.float32)
     idx = np.zeros(64, np.int32)
     upd = np.ones((64, 1), np.float32)
     body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u, axis=0, mode="add")
-    ne = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15", fp16=True, compute_unit="CPU_AND_NE")[0]
+    ne = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15", fp16=True, compute_unit=ne_fp16_accumulation())[0]
     gpu = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15", fp16=True, compute_unit="CPU_AND_GPU")[0]
     np.testing.assert_array_equal(ne, [[2048.0], [2048.0]])
     np.testing.assert_array_equal(gpu, [[2112.0], [2048.0]])

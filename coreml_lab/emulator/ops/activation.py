@@ -186,11 +186,12 @@ def _stable_softplus(x: torch.Tensor) -> torch.Tensor:
 def softplus(call):
     x = call.tensor("x")
     if call.hazard("softplus_naive_exp"):
-        # Neural Engine: softplus is computed naively as log(1 + exp(x)) in FP16. Once
-        # exp(x) overflows FP16 (x > ln(65504) ~ 11.09) the output collapses to 0 instead
-        # of ~x (apple/coremltools#2687, reported cliff near x ~ 10.4).
+        # Neural Engine: softplus is log(1 + exp(x)) with exp(x) leaving the multiply-accumulate
+        # port, which saturates at 2^15: once exp(x) rounds to 32,768 or more (x >= ln(32768) ~ 10.397)
+        # the output collapses to 0 instead of ~x (apple/coremltools#2687, cliff near x ~ 10.4);
+        # softplus(+inf) = +0 (ane-guide)
         e = torch.exp(x.to(torch.float16))
-        finite = torch.isfinite(e)
+        finite = e.abs() < 32768.0
         y = torch.log(_const(1.0, e.dtype) + e)
         return torch.where(finite, y, _zero(e))
     return _stable_softplus(x)
@@ -222,7 +223,12 @@ def softmax(call):
     axis %= x.ndim
     if x.dtype == torch.float32 and call.accumulate == torch.float32:
         return torch.softmax(x, dim=axis)  # the same max-shifted formula, fused, all in FP32
-    shifted = x - torch.amax(x, dim=axis, keepdim=True)
+    m = torch.amax(x, dim=axis, keepdim=True)
+    shifted = x - m
+    if call.hazard("indeterminate_to_zero") and bool(torch.isinf(m).any()):
+        # Neural Engine: inf - inf (a lane holding +inf, e.g. a coerced NaN) is +0, so that lane
+        # takes all the mass (ane-guide)
+        shifted = torch.nan_to_num(shifted, nan=0.0, posinf=torch.inf, neginf=-torch.inf)
     e = torch.exp(shifted)
     s = numerics.reduce_sum(e, axis, True, call.accumulate).to(x.dtype)
     return e / s

@@ -32,7 +32,9 @@ zero-extended at the end if ``D_out`` is larger (uncertain: how Core ML fills an
 cropping.
 
 All dot products go through :func:`numerics.conv_nd` with the op's accumulation
-dtype (1-d, 2-d and 3-d alike).
+dtype (1-d, 2-d and 3-d alike), then the Neural Engine's multiply-accumulate output port
+where the device has one (:func:`.linear.mac_output`: the 2^15 ceiling applies to a
+convolution of two or more taps, C_in / groups x kernel size).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from ..registry import kernel
+from .linear import mac_output
 
 FP16 = torch.float16
 PAD_TYPES = ("valid", "same", "same_lower", "custom")
@@ -124,7 +127,8 @@ def _conv_call(call, x, weight):
         raise ValueError(
             f"{call.op.op_type}: input 'groups' = {groups} does not fit C_in = {x.shape[1]} and weight "
             f"shape {tuple(weight.shape)} (expected weight[1] == C_in / groups)")
-    return _conv(x, weight, bias, strides, pads, dilations, groups, call.accumulate)
+    y = _conv(x, weight, None, strides, pads, dilations, groups, call.accumulate)
+    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=math.prod(weight.shape[1:]))
 
 
 # ----------------------------------------------------------------------------- conv
@@ -137,7 +141,7 @@ def _operands(call):
     return x, call.tensor("weight", dtype=x.dtype)
 
 
-@kernel("conv", family="conv", uses={"accumulate"})
+@kernel("conv", family="conv", uses={"accumulate", "hazards"})
 def conv(call):
     x, weight = _operands(call)
     return _conv_call(call, x, weight)
@@ -244,6 +248,5 @@ def conv_transpose(call):
         crop.append((-st, o - (f - st)))  # negative F.pad values crop, positive extend with zeros
     if any(b or a for b, a in crop):
         y = F.pad(y, _torch_pad_arg(crop))
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))
-    return y
+    taps = (x.shape[1] // groups) * math.prod(ksizes)
+    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=taps)

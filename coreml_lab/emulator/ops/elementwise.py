@@ -72,13 +72,18 @@ def binary(call):
     return _BINARY[call.op.op_type](x, y)
 
 
-@kernel("real_div", family="elementwise", uses={"compute"}, compute_free_on_fp16=True)
+def _unsigned_zero(call, y: torch.Tensor) -> torch.Tensor:
+    """Neural Engine (NE_RULES zero_sign_dropped_before_reciprocal): -0 reaches a reciprocal as +0."""
+    return y + 0.0 if call.hazard("zero_sign_dropped_before_reciprocal") else y  # -0 + 0 = +0 in IEEE
+
+
+@kernel("real_div", family="elementwise", uses={"compute", "hazards"}, compute_free_on_fp16=True)
 def real_div(call):
     x, y = _xy(call)
     if not x.is_floating_point():
         # integer real_div: true division, then truncated back to the declared int type
         return torch.div(x.double(), y.double()).to(x.dtype)
-    return torch.div(x, y)
+    return torch.div(x, _unsigned_zero(call, y))
 
 
 @kernel("floor_div", family="elementwise")
@@ -144,21 +149,25 @@ def round_(call):
 def inverse(call):
     x = call.tensor("x")
     eps = call.float("epsilon", 1e-4)
-    return 1.0 / (x + torch.tensor(eps, dtype=x.dtype))
+    return 1.0 / _unsigned_zero(call, x + torch.tensor(eps, dtype=x.dtype))
 
 
 @kernel("log", family="elementwise")
 def log(call):
     x = call.tensor("x")
     eps = call.float("epsilon", 1e-45)
-    return torch.log(x + torch.tensor(eps, dtype=x.dtype))
+    y = torch.log(x + torch.tensor(eps, dtype=x.dtype))
+    if call.hazard("log_zero_sentinel"):
+        # Neural Engine: log(+0) is the finite sentinel -45,440, not -inf (NE_RULES)
+        y = torch.where(y == -torch.inf, torch.tensor(-45440.0, dtype=y.dtype), y)
+    return y
 
 
 @kernel("rsqrt", family="elementwise")
 def rsqrt(call):
     x = call.tensor("x")
     eps = call.float("epsilon", 1e-12)
-    return torch.rsqrt(x + torch.tensor(eps, dtype=x.dtype))
+    return torch.rsqrt(_unsigned_zero(call, x + torch.tensor(eps, dtype=x.dtype)))
 
 
 @kernel("clip", family="elementwise")

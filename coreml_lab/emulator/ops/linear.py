@@ -15,7 +15,9 @@ Semantics: coremltools ``ops/defs/iOS15/linear.py`` and ``iOS17/linear.py``.
   batched matmul after moving H in front of C, so FP16 accumulation works the
   same as for ``matmul``.
 
-All dot products go through :mod:`..numerics` with the op's accumulation dtype.
+All dot products go through :mod:`..numerics` with the op's accumulation dtype. On a
+device with the Neural Engine rules (``profiles.NE_RULES``) the result then passes the
+multiply-accumulate output port, :func:`mac_output` (2^15 ceiling, FP16 bias, denormal flush).
 int32 operands (allowed for linear/matmul) are multiplied exactly in int64 and
 returned as int32.
 """
@@ -40,7 +42,21 @@ def _common_float(call, *ts):
     return list(ts)
 
 
-@kernel("linear", family="linear", uses={"accumulate"})
+def mac_output(call, y: torch.Tensor, bias=None, bias_shape=None, taps: int = 2):
+    """``y`` (+ bias) through the Neural Engine's multiply-accumulate output port where the device
+    has one (the NE_RULES mac_ceiling_2p15 / mac_flush_denormals / bias_fp16_add), else plain
+    ``y + bias``. ``taps`` is the number of accumulated terms: the ceiling needs two or more."""
+    ceiling = call.hazard("mac_ceiling_2p15") and taps >= 2
+    flush = call.hazard("mac_flush_denormals")
+    bias16 = call.hazard("bias_fp16_add")
+    if not (ceiling or flush or bias16):
+        if bias is None:
+            return y
+        return y + bias.to(y.dtype).view(bias_shape if bias_shape is not None else bias.shape)
+    return numerics.mac_port(y, bias, bias_shape, ceiling=ceiling, flush_denormals=flush, bias_fp16=bias16)
+
+
+@kernel("linear", family="linear", uses={"accumulate", "hazards"})
 def linear(call):
     # floats are fetched in the accumulation dtype: same values, and constant weights are
     # converted once and cached instead of on every run
@@ -56,10 +72,10 @@ def linear(call):
         if b is not None:
             y = y + b.long()
         return y.to(torch.int32)
-    return numerics.linear(x, w, b, call.accumulate)
+    return mac_output(call, numerics.linear(x, w, None, call.accumulate), b)
 
 
-@kernel("matmul", family="linear", uses={"compute", "accumulate"}, compute_free_on_fp16=True)
+@kernel("matmul", family="linear", uses={"compute", "accumulate", "hazards"}, compute_free_on_fp16=True)
 def matmul(call):
     x = call.tensor("x")
     y = call.tensor("y")
@@ -74,7 +90,7 @@ def matmul(call):
     x, y = _common_float(call, x, y)
     if _is_int(x):
         return torch.matmul(x.long(), y.long()).to(torch.int32)
-    return numerics.matmul(x, y, call.accumulate)
+    return mac_output(call, numerics.matmul(x, y, call.accumulate))
 
 
 def _einsum_pattern(equation: str):
@@ -123,4 +139,4 @@ def einsum(call):
     a = x.movedim(-2, -3)  # [*B, H, C, W1]
     b = y.movedim(-2, -3)  # [*B, H, W1, W2]
     out = numerics.matmul(a, b, call.accumulate)  # [*B', H', C, W2] (B and H broadcast)
-    return out.movedim(-3, -2)
+    return mac_output(call, out.movedim(-3, -2))

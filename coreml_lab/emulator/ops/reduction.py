@@ -166,10 +166,10 @@ def reduce_log_sum_exp(call):
     x, dims, keep = _axes_and_input(call)
     xf = _float(x)
     if x.is_floating_point() and call.hazard("reduce_log_sum_exp_no_max_shift"):
-        # Neural Engine: log(sum(exp(x))) with no max-shift, exp and the (pairwise) sum in FP16.
-        # Once the sum overflows to inf the device returns 0 (apple/coremltools#2690: the output
-        # drops to 0 once C*exp(x) > 65504, e.g. x ~ 7.63 for 32 channels).
-        s = numerics.reduce_sum(torch.exp(xf.to(FP16)), dims, keep, FP16)
+        # Neural Engine: log(sum(exp(x))) with no max-shift, exp in FP16 and the sum in the device's
+        # accumulator, rounded to FP16. Once the sum overflows to inf the device returns 0
+        # (apple/coremltools#2690: the output drops to 0 once C*exp(x) > 65504, e.g. x ~ 7.63 for 32 channels).
+        s = numerics.reduce_sum(torch.exp(xf.to(FP16)), dims, keep, call.accumulate).to(FP16)
         out = torch.log(s)
         return torch.where(torch.isinf(s), torch.zeros_like(out), out)
     # stable formula: m + log(sum(exp(x - m))), m the max over the reduced axes

@@ -446,6 +446,14 @@ def _plan_from_call(call, x, op):
         _masks(call, "begin_mask"), _masks(call, "end_mask"), _masks(call, "squeeze_mask"), op)
 
 
+def _width_slice_gain(call, out: torch.Tensor, width_begin: int) -> torch.Tensor:
+    """M1 / A14 Neural Engine (NE_RULES width_slice_gain_16): a slice with a non-zero begin on the
+    last (width) axis passes its values through a gain of 16 - finite up to 4,094, inf from 4,096."""
+    if width_begin == 0 or not out.is_floating_point() or not call.hazard("width_slice_gain_16"):
+        return out
+    return torch.where(out.abs() > 4094.0, out.sign() * torch.inf, out).to(out.dtype)
+
+
 @kernel("slice_by_index", family="tensor", exact=True)
 def slice_by_index(call):
     x = _x(call)
@@ -455,7 +463,8 @@ def slice_by_index(call):
     if flips:
         out = torch.flip(out, flips)
     keep = [s for d, s in enumerate(out.shape) if not plan[d][2]]
-    return out.reshape(keep).clone()
+    width_begin = plan[-1][0].start if plan and x.ndim else 0
+    return _width_slice_gain(call, out.reshape(keep).clone(), width_begin)
 
 
 @kernel("slice_by_size", family="tensor", exact=True)
@@ -473,7 +482,8 @@ def slice_by_size(call):
             raise ValueError(f"slice_by_size: begin={begin[d]}, size={size[d]} is out of range for "
                              f"dimension {d} of size {n}")
         out = out.narrow(d, b, s)
-    return out.clone()
+        width_begin = b
+    return _width_slice_gain(call, out.clone(), width_begin if x.ndim else 0)
 
 
 @kernel("slice_update", family="tensor", exact=True)
