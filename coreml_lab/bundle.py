@@ -33,7 +33,7 @@ from .options import ConversionOptions
 
 FORMAT = "coreml_lab-bundle"
 VERSION = 1
-TABLES = ("layers", "outputs", "fp16_range", "references", "first_nonfinite", "divergence", "torch_layers")
+TABLES = ("layers", "outputs", "fp16_range", "references", "first_nonfinite", "divergence", "torch_layers", "steps")
 FILES = ("tables.npz", "histograms.npz", "runs.npz", "summary.txt")
 
 
@@ -293,6 +293,7 @@ def read_bundle(path) -> dict:
         fp16_range=frames.get("fp16_range", pd.DataFrame()), references=frames.get("references", pd.DataFrame()),
         first_nonfinite=frames.get("first_nonfinite", pd.DataFrame()),
         divergence=frames.get("divergence", pd.DataFrame()), torch_layers=frames.get("torch_layers", pd.DataFrame()),
+        **({"steps": frames["steps"]} if "steps" in frames else {}),
         histograms=histograms, options=opts, compute_units=manifest.get("compute_units", []),
         runtime=manifest.get("runtime", "emulator"), n_inputs=manifest.get("n_inputs", 0),
         messages=[Message.from_dict(_json_restore(m)) for m in manifest.get("messages", [])],

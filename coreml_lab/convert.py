@@ -10,6 +10,7 @@ model's code or weights misses the cache.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from . import messages as msgs
+from . import states as model_states
 from . import torch_ops
 from .emulator.program import mil_program, walk_ops
 from .messages import Message
@@ -288,6 +290,8 @@ class Prepared:
     messages: list = field(default_factory=list, repr=False)
     _fresh: Any = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)
+    #: buffers the forward changes (KV caches ...): candidates for Core ML states (see :mod:`.states`)
+    updated_buffers: tuple = ()
 
     def digest(self) -> str:
         """Hash of the traced graph and its weights, computed once (conversions share it)."""
@@ -299,19 +303,25 @@ class Prepared:
         if self._fresh is not None:
             convertible, self._fresh = self._fresh, None
             return convertible
-        with msgs.capture():
+        with msgs.capture(), model_states.preserved_buffers(self.source.model):
             convertible, _, _, _ = _prepare(self.source, self.inputs)
         return convertible
 
 
 def prepare(model, example_inputs=None) -> Prepared:
-    """Load ``model`` and check ``example_inputs`` against it; trace/export once (see :class:`Prepared`)."""
-    source, inputs = load_source(model, example_inputs)
-    if source.kind == "mlpackage":
-        return Prepared(source, inputs)
-    with msgs.capture() as messages:
-        convertible, method, graph_text, tensors = _prepare(source, inputs)
-    return Prepared(source, inputs, method, graph_text, tensors, list(messages), convertible)
+    """Load ``model`` and check ``example_inputs`` against it; trace/export once (see :class:`Prepared`).
+
+    Forwards run here (checks, tracing, finding the buffers it updates) leave the model's buffers as they were.
+    """
+    with model_states.preserved_buffers(model):
+        source, inputs = load_source(model, example_inputs)
+        if source.kind == "mlpackage":
+            return Prepared(source, inputs)
+        updated = model_states.find_updated_buffers(source, inputs.tensors)
+        with msgs.capture() as messages, model_states.preserved_buffers(source.model):
+            convertible, method, graph_text, tensors = _prepare(source, inputs)
+    return Prepared(source, inputs, method, graph_text, tensors, list(messages), convertible,
+                    updated_buffers=updated)
 
 
 def convert(model, example_inputs=None, options: ConversionOptions | dict | None = None, *,
@@ -347,23 +357,27 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         if hit is not None:
             return dataclasses.replace(hit, prepared=prep)
 
+    ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
+    ct_inputs, ct_states, state_messages = model_states.conversion_states(
+        source, prep.updated_buffers, options, ct_inputs)
     convertible = prep.take_convertible()
     torch_ops.register()
-    ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
     with msgs.capture() as captured:
         start = time.perf_counter()
         try:
             kwargs = options.convert_kwargs()
             if named_outputs:
                 kwargs["outputs"] = [ct.TensorType(name=n) for n in named_outputs]
+            if ct_states:
+                kwargs["states"] = ct_states
             if layer_mapping:
                 mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, kwargs)
             else:
-                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **kwargs), {}
+                mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **_fresh_states(kwargs)), {}
         except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
-            raise ConversionError(str(exc), env_messages + notes + prep_messages + list(captured) + [failure],
-                                  options, method) from exc
+            raise ConversionError(str(exc), env_messages + notes + prep_messages + state_messages + list(captured)
+                                  + [failure], options, method) from exc
         wall = time.perf_counter() - start
     if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
         from .compression import apply as compress
@@ -381,7 +395,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         mlmodel=mlmodel, program=program, options=options,
         spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
         messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
-        + _composite_notes(prep.graph_text) + prep_messages + list(captured),
+        + _composite_notes(prep.graph_text) + prep_messages + state_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
         onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
     )
@@ -393,6 +407,12 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         except OSError as exc:
             warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
     return conv
+
+
+def _fresh_states(kwargs: dict) -> dict:
+    """ct.convert keyword arguments with fresh copies of ``states`` (coremltools renames the StateType
+    objects it is given)."""
+    return {**kwargs, "states": copy.deepcopy(kwargs["states"])} if kwargs.get("states") else kwargs
 
 
 def _composite_notes(graph_text: str) -> list[Message]:
@@ -422,10 +442,10 @@ def _convert_with_mapping(convertible, ct_inputs, kwargs: dict):
     from .mapping import chains_from_coremltools
 
     try:
-        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs, **kwargs)
+        mlmodel, mapping = convert_and_retrieve_op_mapping(convertible, inputs=ct_inputs, **_fresh_states(kwargs))
         return mlmodel, chains_from_coremltools(mapping)
     except Exception as exc:  # noqa: BLE001 - the plain conversion decides whether the model converts
-        mlmodel = ct.convert(convertible, inputs=ct_inputs, **kwargs)
+        mlmodel = ct.convert(convertible, inputs=ct_inputs, **_fresh_states(kwargs))
         warnings.warn(f"coremltools' op mapping failed ({type(exc).__name__}: {str(exc)[:200]}); "
                       "layer names come from op scopes instead", stacklevel=2)
         return mlmodel, {}
@@ -487,7 +507,12 @@ def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict
 def _loaded(source: Source, inputs, options: ConversionOptions, env_messages) -> Conversion:
     ml = source.model
     spec = ml.get_spec()
-    program = mil_program(ml) if spec.WhichOneof("Type") == "mlProgram" else None
+    program = None
+    if spec.WhichOneof("Type") == "mlProgram":
+        program = mil_program(ml)
+        if getattr(ml, "_mil_program", None) is None:
+            # one program object for every run of this model (the user's MLModel is left as it is)
+            ml = ct.models.MLModel(spec, weights_dir=ml.weights_dir, mil_program=program, skip_model_load=True)
     note = msgs.make("info", "loaded an existing Core ML model: nothing was converted; options other than "
                      "compute_units do not apply", "coreml_lab")
     return Conversion(mlmodel=ml, program=program, options=options, spec_version=spec.specificationVersion,

@@ -42,6 +42,7 @@ from .options import ConversionOptions, as_options
 from .pairing import ProgramPairing, pair_programs, reference_key, unpaired_ops
 from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
 from .report import Report
+from .states import StepStates, check_steps, preserved_buffers
 from .statistics import RunState, Statistics, StepInfo, StepState, steps_with_nonfinite_consts
 
 __all__ = ["diagnose", "Diagnosis", "DEFAULT_COMPUTE_UNITS", "dataset", "pair_programs", "reference_key"]
@@ -52,7 +53,7 @@ DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 def diagnose(model, example_inputs=None, options: ConversionOptions | dict | None = None,
              compute_units: Sequence[str] = DEFAULT_COMPUTE_UNITS, runtime: str = "auto",
              inputs: Iterable[dict] | None = None, progress: bool = True, local: bool = True, *,
-             reuse: bool = True, mlmodel=None) -> Report:
+             reuse: bool = True, steps: Sequence[dict] | None = None, mlmodel=None) -> Report:
     """Diagnose ``model`` converted with ``options`` on each compute unit; returns a :class:`Report`.
 
     ``model`` may also be a :class:`~.convert.Conversion` from :func:`~.convert.convert`: it is
@@ -69,6 +70,13 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     (or a unit and the reference) compute identically: the same numbers, slower (the tests
     compare both). A model that fails to convert gives a Report carrying the error and its
     explanation.
+
+    ``steps``: a list of input dicts, one per decoding step, run in order: torch steps its own
+    buffers (KV caches), every unit and the reference program their own Core ML state
+    (``make_state()``, from zeros; torch's state buffers start from zeros too). The Report then
+    also has ``steps`` (per step, unit and output / state / layer) and ``first_bad_step``. A
+    model without state works too: steps are then simply ordered inputs. Without ``steps``, each
+    input of a stateful model is a first step from an empty state.
     """
     if not list(compute_units):
         raise ValueError("compute_units is empty: give at least one of CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL")
@@ -88,6 +96,9 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     if variants and kind == "coreml":  # pragma: no cover - macOS only
         raise ValueError("device-profile variants describe the emulator: pass runtime='emulator' to "
                          "diagnose them on this Mac")
+    if steps is not None and (mlmodel is not None or packages.is_package(model)):
+        raise ValueError("steps= diagnoses a stateful model the kit converts; an existing package is diagnosed "
+                         "with inputs= (independent inputs)")
     if mlmodel is not None:
         return _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local,
                                              profiles, reuse, progress)
@@ -131,8 +142,22 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         return Report.failed(opts, exc, cus, runtime=kind)
     if conv.program is None:
         raise ValueError("this model is not an ML Program: diagnose needs convert_to='mlprogram'")
-    feeds = dataset(inputs, conv.example_inputs)
-    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse).run(feeds, progress)
+    if conv.example_inputs is None:
+        raise ValueError("diagnosing a loaded .mlpackage needs example inputs (its input names and shapes)")
+    if steps is not None:
+        if inputs is not None:
+            raise ValueError("pass either inputs= (independent inputs, statistics aggregated) or steps= (decoding "
+                             "steps in order, state carried from one to the next), not both")
+        if isinstance(steps, dict) or not isinstance(steps, Sequence) or not steps:
+            raise ValueError("steps must be a non-empty list of input dicts, one per decoding step; the model's "
+                             f"inputs are {conv.example_inputs.describe()}")
+        if kind == "coreml":  # pragma: no cover - macOS only
+            raise ValueError("a steps= diagnosis runs on the emulator: pass runtime='emulator'")
+        feeds = dataset(steps, conv.example_inputs, what="steps")
+    else:
+        feeds = dataset(inputs, conv.example_inputs)
+    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse).run(feeds, progress,
+                                                                              stepwise=steps is not None)
 
 
 def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
@@ -191,7 +216,7 @@ class Diagnosis:
         self._double = None  # FP64 twin of the torch model, made once
         self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
 
-    def run(self, feeds_list: list[dict], progress: bool) -> Report:
+    def run(self, feeds_list: list[dict], progress: bool, stepwise: bool = False) -> Report:
         ref = _emulated(self.conv32.mlmodel, EXACT_FP32, self.pairing.ref_map.op_module)
         if self.own_reference:
             self.stats.notes.add(packages.NO_FRAMEWORK_NOTE)
@@ -199,10 +224,23 @@ class Diagnosis:
         if self.kind == "emulator":
             devs = {cu: _emulated(self.conv.mlmodel, self.profiles[cu], self.pairing.layer_map.op_module)
                     for cu in self.cus}
+        if stepwise:
+            check_steps(feeds_list, ref)
+        states = StepStates.of(ref, devs, self.torch_model, self.conv)
+        if states is not None and self.kind != "emulator":  # pragma: no cover - macOS only
+            raise ValueError("stateful models are diagnosed on the emulator: pass runtime='emulator'")
+        with preserved_buffers(self.torch_model):
+            return self._run(feeds_list, progress, stepwise, ref, devs, states)
+
+    def _run(self, feeds_list, progress, stepwise, ref, devs, states) -> Report:
         bar = tqdm(total=len(feeds_list) * max(len(self.cus), 1), desc="diagnose", unit="run",
                    disable=not progress)
         module_outputs = set(self.pairing.module_vars.values())
-        for feeds in feeds_list:
+        for step, feeds in enumerate(feeds_list):
+            if states is not None and (step == 0 or not stepwise):
+                states.reset()  # a stateful model starts from empty states (each input, or the first step)
+            if stepwise:
+                self.stats.begin_step()
             golden = torch_run = None
             tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
             if tensors is not None:
@@ -212,15 +250,19 @@ class Diagnosis:
                 if tensors is not None:
                     # torch FP32 drives the reference program and the units: module outputs as they come
                     pump = TorchPump(self.torch_model, tensors, module_outputs)
-                    ref_outs, dev_outs = pump.run(self._lockstep(ref, devs, feeds, pump))
+                    ref_outs, dev_outs = pump.run(self._lockstep(ref, devs, feeds, pump, states))
                     torch_run = pump.outputs
                 else:
-                    ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None))
+                    ref_outs, dev_outs = drain(self._lockstep(ref, devs, feeds, None, states))
             else:  # Core ML (macOS; tests/test_runtime.py runs it with test doubles)
                 if tensors is not None:
                     torch_run = run_torch(self.torch_model, tensors, module_outputs)
                 ref_outs, dev_outs = self._measured(ref, feeds, torch_run)
             self.stats.compare_outputs(ref_outs, dev_outs, torch_run, golden, onnx_out)
+            if states is not None and stepwise:
+                self.stats.compare_states(states.units, states.want())
+            if stepwise:
+                self.stats.end_step(step)
             self.stats.record_run(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
         bar.close()
@@ -246,7 +288,7 @@ class Diagnosis:
                                      "golden columns are empty")
                 return None
 
-    def _lockstep(self, ref, devs, feeds, torch_run):
+    def _lockstep(self, ref, devs, feeds, torch_run, states=None):
         """Generator: one input through the reference and every unit in lockstep, measured as it goes."""
         stats = self.stats
         ref_feeds = _widened(ref.prepare_inputs(feeds), feeds)
@@ -257,6 +299,10 @@ class Diagnosis:
             if isinstance(r, torch.Tensor) and isinstance(value, torch.Tensor) and r.dtype == value.dtype \
                     and r.shape == value.shape and torch.equal(r, value):
                 dev_feeds[name] = r
+        unit_feeds = None
+        if states is not None:  # each run its own state buffers, updated in place by the program
+            ref_feeds.update(states.reference)
+            unit_feeds = states.units
         interps = {cu: m.interpreter for cu, m in devs.items()}
         bad_consts = steps_with_nonfinite_consts(next(iter(interps.values())))
         lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of, reuse=self.reuse)
@@ -277,7 +323,7 @@ class Diagnosis:
         def on_reference(_step, name, value):
             return stats.on_reference(name, value, torch_run)
 
-        return (yield from lock.run(ref_feeds, dev_feeds, on_step, on_reference))
+        return (yield from lock.run(ref_feeds, dev_feeds, on_step, on_reference, unit_feeds=unit_feeds))
 
     def _measured(self, ref, feeds, torch_run):
         """Core ML runs: outputs and the intermediates Core ML returns, against the reference run."""

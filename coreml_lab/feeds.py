@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 
-def dataset(inputs, example) -> list[dict]:
-    """Validated feeds (name -> numpy) from ``inputs``: None = the example inputs, a dict, or an iterable."""
+def dataset(inputs, example, what: str = "inputs") -> list[dict]:
+    """Validated feeds (name -> numpy) from ``inputs``: None = the example inputs, a dict, or an iterable.
+    ``what`` names the argument in errors (``"steps"`` for a multi-step diagnosis)."""
     if inputs is None:
         return [example.as_numpy()]
     if isinstance(inputs, dict):
@@ -21,9 +22,9 @@ def dataset(inputs, example) -> list[dict]:
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise TypeError(f"inputs[{i}] must be a dict of input name -> array, got {type(item).__name__}")
+            raise TypeError(f"{what}[{i}] must be a dict of input name -> array, got {type(item).__name__}")
         if sorted(item) != sorted(names):
-            raise ValueError(f"inputs[{i}] has names {sorted(item)}; the model's inputs are {names} "
+            raise ValueError(f"{what}[{i}] has names {sorted(item)}; the model's inputs are {names} "
                              f"(shapes {shapes})")
         feed = {}
         for n in names:

@@ -151,7 +151,8 @@ def measure(conv: Conversion, feeds: list, torch_outputs: list, units: Sequence[
     for unit in units:
         em = EmulatedModel(conv.mlmodel, unit)
         for feed, want in zip(feeds, torch_outputs):
-            got = em.predict(feed)
+            # a stateful model: each feed is a first step, from an empty state
+            got = em.predict(feed, state=em.make_state() if em.state_specs else None)
             for name, w in zip(names, want):
                 g = np.asarray(got[name], dtype=np.float64)
                 w = np.asarray(w, dtype=np.float64).reshape(g.shape)

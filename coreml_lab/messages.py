@@ -124,6 +124,28 @@ _CATALOGUE: list[tuple[re.Pattern, Explanation]] = [
         title="ML Programs need iOS15 / macOS12",
         meaning="ML Programs (convert_to='mlprogram') exist from iOS15 / macOS12 on.",
         fix="Choose target='iOS15' or later, or convert_to='neuralnetwork' for older OS versions.")),
+    (re.compile(r"Core ML states need deployment target", re.I), Explanation(
+        key="states_need_ios18",
+        title="Core ML states need iOS18 / macOS15",
+        meaning=("The model keeps state between calls (a buffer its forward updates in place, such as a KV "
+                 "cache). Core ML states (ct.StateType, read_state / coreml_update_state) exist from iOS18 / "
+                 "macOS15 on; for an older target the buffer is frozen as a constant, so the converted model "
+                 "forgets everything between predictions."),
+        fix=("Convert with ConversionOptions(target='iOS18') (or later); for older targets pass the cache in and "
+             "out as model inputs and outputs instead of keeping it in a buffer."))),
+    (re.compile(r"instead of updating it in place; a Core ML state cannot express", re.I), Explanation(
+        key="buffer_reassigned",
+        title="Buffer replaced, not updated in place",
+        meaning=("forward assigns a new tensor to a buffer (self.buf = ...). Tracing records only the value, so "
+                 "Core ML cannot keep it between predictions; a state needs an in-place write."),
+        fix="Write into the buffer in place: self.buf[...] = value or self.buf.copy_(value).")),
+    (re.compile(r"State only support fp16|StateType named .* not (provided|found)", re.I), Explanation(
+        key="state_spec_mismatch",
+        title="State spec does not match the model",
+        meaning=("coremltools pairs each ct.StateType with a torch buffer by name (named_buffers()) and stores "
+                 "states as FP16 only."),
+        fix=("Name states after the torch buffers (ConversionOptions(states=('layer.k_cache', ...)) does this "
+             "for you) and declare them with dtype=np.float16."))),
     (re.compile(r"_transformer_encoder_layer_fwd|_native_multi_head_attention|_transformer_decoder_only_layer_fwd"),
      Explanation(
         key="mha_fast_path",

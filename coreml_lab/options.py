@@ -61,6 +61,9 @@ class ConversionOptions:
     inputs: optional ``ct.TensorType`` / ``ct.ImageType`` specs (names, shapes,
         dtypes, flexible shapes); by default they are derived from example inputs.
     outputs: optional ``ct.TensorType`` specs for the outputs (e.g. FP16 outputs).
+    states: torch buffer names that become Core ML states (``ct.StateType``, iOS18 on); None (the
+        default) finds them: every float buffer the forward updates in place; ``()`` keeps every
+        buffer a constant (see :mod:`coreml_lab.states`).
     compression: weight compression applied after conversion with ``coremltools.optimize.coreml``:
         a coremltools ``OptimizationConfig`` (or a list of them: joint compression, applied in
         order) or a short spec - ``"palettize4"`` (k-means, also 1/2/3/6/8 bits),
@@ -77,6 +80,7 @@ class ConversionOptions:
     compute_units: str = "ALL"
     inputs: tuple | None = None
     outputs: tuple | None = None
+    states: tuple | None = None
     compression: Any = None
 
     def __post_init__(self):
@@ -114,6 +118,23 @@ class ConversionOptions:
                                  f"got convert_to={self.convert_to!r}")
             check_target(compression, self.target)
             object.__setattr__(self, "compression", compression)
+        self._check_states()
+
+    def _check_states(self) -> None:
+        states = self.states
+        if states is None:
+            return
+        if isinstance(states, str):
+            states = (states,)
+        states = tuple(states)
+        if not all(isinstance(n, str) and n for n in states) or len(set(states)) != len(states):
+            raise ValueError(f"states must be unique torch buffer names (e.g. ('layers.0.k_cache',)), "
+                             f"None to find them, or () for none; got {self.states!r}")
+        if states and (self.convert_to != "mlprogram" or getattr(ct.target, self.target).value
+                       < ct.target.iOS18.value):
+            raise ValueError(f"states={states!r}: Core ML states need convert_to='mlprogram' and target iOS18 "
+                             f"(macOS15) or later; got convert_to={self.convert_to!r}, target={self.target!r}")
+        object.__setattr__(self, "states", states)
 
     # ------------------------------------------------------------------ ct.convert
     @property
@@ -167,6 +188,7 @@ class ConversionOptions:
             "convert_to": self.convert_to, "compute_units": self.compute_units,
             "inputs": [_spec_repr(s) for s in self.inputs] if self.inputs else None,
             "outputs": [_spec_repr(s) for s in self.outputs] if self.outputs else None,
+            "states": list(self.states) if self.states is not None else None,
         }, sort_keys=True)
 
     def to_dict(self) -> dict:

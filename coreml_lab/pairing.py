@@ -30,8 +30,9 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     Matched by structure, not names (coremltools names the same op differently at FP16 and
     FP32): walking the dev program in order, an op matches the first unmatched reference op
     of the same type whose non-constant inputs are the matches of its own inputs. A precision
-    cast one program has and the other does not is transparent (a cast's output stands for
-    its input: FP16 inputs cast to FP32 in the reference, an FP16 output cast back).
+    cast only one side has is transparent: the diagnosed program's (its output matches its
+    input's match) and the reference's (an FP32 program writing an FP16 Core ML state casts
+    there; an FP16 program does not; FP16 inputs cast to FP32; an FP16 output cast back).
     Ops left unmatched fall back to name matching. A ``constexpr_*`` output (a compressed
     weight, decompressed at load time) counts as a constant. Top-level ops only (a loop is
     one op, as it is one step of the interpreter).
@@ -42,18 +43,19 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
     match: dict[str, str] = {n: n for n in dev_f.inputs if n in ref_inputs}
     index: dict = defaultdict(list)
     ref_names = set(ref_inputs)
-    root: dict[str, str] = {}  # reference var -> the var a chain of float casts starts from
+    alias: dict[str, str] = {}  # reference cast output -> the var it casts (followed through chains)
     order: dict[int, int] = {}
     for op in walk_ops(ref_f, nested=False):
-        if _float_cast(op):
-            x = op.inputs["x"].name
-            root[op.outputs[0].name] = root.get(x, x)
+        if op.op_type == "cast":
+            src = op.inputs["x"].name
+            alias[op.outputs[0].name] = alias.get(src, src)
+    for op in walk_ops(ref_f, nested=False):
         order[id(op)] = len(order)  # program order, for the loose match
-        index[(op.op_type, _input_signature(op, None, root))].append(op)
+        index[(op.op_type, _input_signature(op, None, alias))].append(op)
         ref_names.update(v.name for v in op.outputs)
     used = set()
     for op in walk_ops(dev_f, nested=False):
-        sig = _input_signature(op, match, root)
+        sig = _input_signature(op, match, alias)
         candidates = [c for c in index.get((op.op_type, sig), []) if id(c) not in used] if sig is not None else []
         if candidates:
             ref_op = candidates[0]
@@ -68,23 +70,23 @@ def pair_programs(dev_program, ref_program) -> dict[str, str]:
                 if key in ref_names:
                     match[dv.name] = key
             if sig is None and not any(dv.name in match for dv in op.outputs):
-                ref_op = _loose_match(op, match, root, index, used, order)
+                ref_op = _loose_match(op, match, alias, index, used, order)
                 if ref_op is not None:
                     used.add(id(ref_op))
                     for dv, rv in zip(op.outputs, ref_op.outputs):
                         match[dv.name] = rv.name
-    # a program output stands for the reference's output where they differ by float casts only
-    ref_out_of_root = {root.get(v.name, v.name): v.name for v in ref_f.outputs}
+    # a program output stands for the reference's output where they differ by casts only
+    ref_out_of_root = {alias.get(v.name, v.name): v.name for v in ref_f.outputs}
     for v in dev_f.outputs:
         paired = match.get(v.name)
         if paired is not None and paired not in ref_out_of_root.values():
-            out = ref_out_of_root.get(root.get(paired, paired))
+            out = ref_out_of_root.get(alias.get(paired, paired))
             if out is not None:
                 match[v.name] = out
     return match
 
 
-def _loose_match(op, match, root, index, used, order):
+def _loose_match(op, match, alias, index, used, order):
     """The first unused reference op of ``op``'s type whose inputs agree with ``op``'s wherever those
     are constants or matched; an unmatched input is a wildcard. Pairs an op past a few extra ops the
     other program has on one input (e.g. an index normalised once more before a ``gather``), so the
@@ -95,7 +97,7 @@ def _loose_match(op, match, root, index, used, order):
             if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
                 partial.append((pname, "const"))
             elif x.name in match:
-                partial.append((pname, root.get(match[x.name], match[x.name])))
+                partial.append((pname, alias.get(match[x.name], match[x.name])))
             else:
                 partial.append((pname, None))
     found = []
@@ -107,27 +109,18 @@ def _loose_match(op, match, root, index, used, order):
     return min(found, key=lambda ref_op: order[id(ref_op)]) if found else None
 
 
-def _float_cast(op) -> bool:
-    """A cast between float dtypes (FP16 <-> FP32): the same quantity, held differently."""
-    if op.op_type != "cast":
-        return False
-    dtypes = [getattr(v.dtype, "__name__", str(v.dtype)) for v in (op.inputs["x"], op.outputs[0])]
-    return all(d.startswith("fp") for d in dtypes)
-
-
-def _input_signature(op, match, root=None):
-    """(input name, matched var name or "const") for every input; None if an input has no match.
-    Reference vars are named by the var their float casts start from (``root``)."""
-    root = root or {}
+def _input_signature(op, match, alias):
+    """(input name, matched var name or "const") for every input, reference casts seen through (``alias``);
+    None if an input has no match."""
     sig = []
     for pname, v in sorted(op.inputs.items()):
         for x in (v if isinstance(v, (list, tuple)) else (v,)):
             if x.op is not None and (x.op.op_type == "const" or x.op.op_type.startswith("constexpr_")):
                 sig.append((pname, "const"))  # a compressed weight is a weight
             elif match is None:
-                sig.append((pname, root.get(x.name, x.name)))
+                sig.append((pname, alias.get(x.name, x.name)))
             elif x.name in match:
-                sig.append((pname, root.get(match[x.name], match[x.name])))
+                sig.append((pname, alias.get(match[x.name], match[x.name])))
             else:
                 return None
     return tuple(sig)

@@ -257,3 +257,71 @@ def compute_unit_divergence(report, max_rows: int = 40) -> Figure:
     ax.set_ylabel("layer (program order)")
     ax.set_title("Where compute units disagree (\"=\" identical)")
     return fig
+
+
+def step_errors(report, compute_unit: str | None = None, metric: str = "rel_err", floor: float = 1e-9) -> Figure:
+    """A step x layer heatmap of ``metric`` for one compute unit (default: the one that goes wrong first),
+    layers in program order, with the first bad step marked."""
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    steps = report.steps
+    if steps is None or not len(steps):
+        return _empty(fig, "no per-step numbers: diagnose with steps=[...] (one input dict per decoding step)")
+    first = report.first_bad_step
+    if compute_unit is None:
+        bad = {cu: s for cu, s in first.items() if s is not None}
+        compute_unit = min(bad, key=bad.get) if bad else report.compute_units[0]
+    rows = steps[(steps["compute_unit"] == compute_unit) & (steps["kind"] == "layer")]
+    if not len(rows):
+        return _empty(fig, f"no per-step layer numbers for {compute_unit}")
+    order = rows.groupby("name")["index"].min().sort_values().index.tolist()
+    grid = rows.pivot_table(index="name", columns="step", values=metric, aggfunc="max").reindex(order)
+    values = grid.to_numpy(dtype=float)
+    shown = np.where(np.isfinite(values), np.maximum(values, floor), np.nan)
+    ax = fig.add_subplot()
+    finite = shown[np.isfinite(shown)]
+    norm = LogNorm(vmin=max(float(finite.min()), floor), vmax=max(float(finite.max()), floor * 10)) if finite.size \
+        else None
+    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    nonfinite = ~np.isfinite(values) & ~np.isnan(values)
+    ys, xs = np.nonzero(nonfinite)
+    ax.scatter(xs, ys, marker="x", color="red", s=18, label="inf / NaN")
+    ax.set_xticks(range(len(grid.columns)))
+    ax.set_xticklabels([str(c) for c in grid.columns], fontsize=7)
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels(order, fontsize=7)
+    ax.set_xlabel("decoding step")
+    bad_step = first.get(compute_unit)
+    if bad_step is not None:
+        ax.axvline(list(grid.columns).index(bad_step) - 0.5, color="red", lw=1.5, ls="--",
+                   label=f"first bad step ({bad_step})")
+    if len(xs) or bad_step is not None:
+        ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(f"{compute_unit}: {METRIC_LABELS.get(metric, metric)} per layer and step")
+    fig.colorbar(im, ax=ax, label=metric)
+    return fig
+
+
+def state_errors(report, metric: str = "rel_err", floor: float = 1e-9) -> Figure:
+    """Each state's (and output's) ``metric`` along the steps, one panel per compute unit."""
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    steps = report.steps
+    if steps is None or not len(steps):
+        return _empty(fig, "no per-step numbers: diagnose with steps=[...] (one input dict per decoding step)")
+    units = list(report.compute_units)
+    axes = fig.subplots(1, len(units), sharey=True, squeeze=False)[0]
+    for ax, cu in zip(axes, units):
+        mine = steps[(steps["compute_unit"] == cu) & steps["kind"].isin(["state", "output"])]
+        for (name, kind), rows in mine.groupby(["name", "kind"], sort=False):
+            rows = rows.sort_values("step")
+            vals = np.where(np.isfinite(rows[metric]), np.maximum(rows[metric].to_numpy(dtype=float), floor), np.nan)
+            ax.plot(rows["step"], vals, marker="o", ms=3, lw=1.2 if kind == "state" else 2.2,
+                    ls="-" if kind == "state" else "--", label=f"{kind} {name}")
+        bad = report.first_bad_step.get(cu)
+        if bad is not None:
+            ax.axvline(bad, color="red", lw=1, ls=":")
+        ax.set_yscale("log")
+        ax.set_title(cu + (f" (first bad step {bad})" if bad is not None else ""), fontsize=9)
+        ax.set_xlabel("decoding step")
+    axes[0].set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes[-1].legend(fontsize=6, loc="upper left")
+    return fig

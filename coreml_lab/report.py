@@ -30,6 +30,15 @@ Column reference (stable; notebooks and users rely on them):
     "onnxruntime" vs FP64 (ONNX sources).
 ``first_nonfinite`` - per compute unit, the first op (program order) whose output has inf/NaN.
 ``divergence`` - per pair of compute units and op output: max_abs_diff, rel_diff, nonfinite_frac.
+``steps`` - a multi-step diagnosis (``diagnose(..., steps=[...])``), one row per (step,
+    compute unit, name): step (0-based), compute_unit, name (model output, Core ML state, or
+    torch module path of a layer; "(model)" = ops of the model itself), kind ("output" |
+    "state" | "layer"), index (program index of a layer's first op; -1 otherwise),
+    max_abs_err, rel_err, nonfinite_frac - outputs against torch FP32, states against torch's
+    own cache (its buffer; the reference program's state where torch has none), layers against
+    the exact FP32 program. Empty without ``steps``.
+``first_bad_step`` - compute unit -> the first step whose outputs or states are beyond
+    tolerance (None: every step within); :meth:`Report.first_bad` names the layer too.
 ``culprits(n)`` - see :meth:`Report.culprits`.
 """
 
@@ -68,6 +77,7 @@ class Report:
     DIVERGENCE_COLUMNS = ["pair", "index", "op", "output", "op_type", "module", "max_abs_diff", "rel_diff",
                           "nonfinite_frac"]
     CULPRIT_COLUMNS = culprit_rules.COLUMNS
+    STEP_COLUMNS = ["step", "compute_unit", "name", "kind", "index", "max_abs_err", "rel_err", "nonfinite_frac"]
 
     layers: pd.DataFrame
     outputs: pd.DataFrame
@@ -94,6 +104,8 @@ class Report:
     #: what the errors are measured against: "framework" (the source model and its FP32 conversion) or
     #: "package program (exact FP32)" (an existing package on its own: no framework reference exists)
     reference: str = "framework"
+    #: per decoding step (``diagnose(steps=...)``), see the module docstring
+    steps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=Report.STEP_COLUMNS))
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -180,11 +192,56 @@ class Report:
             n_inputs=n_inputs, conversion=conversion, messages=list(conversion.messages),
             layer_source=stats.pairing.layer_map.source, notes=sorted(stats.notes), runs=stats.runs,
             environment=environment(runtime),
+            steps=pd.DataFrame(stats.step_rows, columns=cls.STEP_COLUMNS),
         )
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    # ---------------------------------------------------------------- steps
+    @property
+    def first_bad_step(self) -> dict:
+        """Compute unit -> first step whose outputs or states exceed relative error 1e-2 or hold inf/NaN
+        (None: every step within); empty without ``steps``. See :meth:`first_bad`."""
+        return {r.compute_unit: (None if pd.isna(r.step) else int(r.step)) for r in self.first_bad().itertuples()}
+
+    def first_bad(self, tolerance: float = 1e-2) -> pd.DataFrame:
+        """Per compute unit: the first bad step, what went wrong there (the output or state beyond
+        ``tolerance``), and the first layer in program order beyond it at that step (where it starts)."""
+        cols = ["compute_unit", "step", "name", "kind", "rel_err", "layer", "layer_rel_err"]
+        steps = self.steps
+        if not len(steps):
+            return pd.DataFrame(columns=cols)
+        bad = (steps["nonfinite_frac"] > 0) | ~(steps["rel_err"] <= tolerance)
+        rows = []
+        for cu in self.compute_units:
+            mine = steps[steps["compute_unit"] == cu]
+            hits = mine[bad[mine.index] & mine["kind"].isin(["output", "state"])].sort_values("step", kind="stable")
+            if not len(hits):
+                rows.append({"compute_unit": cu, "step": None, "name": None, "kind": None, "rel_err": math.nan,
+                             "layer": None, "layer_rel_err": math.nan})
+                continue
+            first = hits.iloc[0]
+            layers = mine[(mine["step"] == first.step) & (mine["kind"] == "layer") & bad[mine.index]]
+            layer = layers.sort_values("index", kind="stable").iloc[0] if len(layers) else None
+            rows.append({"compute_unit": cu, "step": int(first.step), "name": first["name"], "kind": first.kind,
+                         "rel_err": first.rel_err, "layer": None if layer is None else layer["name"],
+                         "layer_rel_err": math.nan if layer is None else layer.rel_err})
+        return pd.DataFrame(rows, columns=cols).astype({"step": object})
+
+    def _step_lines(self, tolerance: float) -> list[str]:
+        if not len(self.steps):
+            return []
+        n = int(self.steps["step"].max()) + 1
+        parts = []
+        for r in self.first_bad(tolerance).itertuples():
+            if pd.isna(r.step):
+                parts.append(f"{r.compute_unit} none (all {n} steps within tolerance)")
+            else:
+                where = f", starting in layer {r.layer!r}" if isinstance(r.layer, str) else ""
+                parts.append(f"{r.compute_unit} step {int(r.step)} ({r.kind} {r.name!r} rel err {fmt(r.rel_err)}{where})")
+        return [f"- First bad step of {n}: " + "; ".join(parts)]
 
     # ---------------------------------------------------------------- culprits
     def culprits(self, n: int = 10, tolerance: float = 1e-2) -> pd.DataFrame:
@@ -232,6 +289,7 @@ class Report:
         if len(fp32):
             lines.append(f"- FP32 conversion vs torch FP64: rel err {fmt(fp32['rel_err'].max())}"
                          f"{' (translation error!)' if fp32['rel_err'].max() > 1e-3 else ' (conversion itself is right)'}")
+        lines += self._step_lines(tolerance)
         if len(self.first_nonfinite):
             r = self.first_nonfinite.iloc[0]
             lines.append(f"- First inf/NaN on {r.compute_unit}: {r.op_type} {r.op!r} in module {r.module!r}")
@@ -301,6 +359,14 @@ class Report:
 
     def plot_compute_unit_divergence(self, **kw):
         return _plots().compute_unit_divergence(self, **kw)
+
+    def plot_step_errors(self, compute_unit: str | None = None, metric: str = "rel_err", **kw):
+        """A step x layer heatmap of ``metric`` (``diagnose(steps=...)``)."""
+        return _plots().step_errors(self, compute_unit, metric, **kw)
+
+    def plot_state_errors(self, metric: str = "rel_err", **kw):
+        """Each state's error along the steps, one panel per compute unit."""
+        return _plots().state_errors(self, metric, **kw)
 
     def _repr_html_(self) -> str:  # pragma: no cover - notebook display
         return "<pre>" + html.escape(self.summary()) + "</pre>"

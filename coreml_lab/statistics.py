@@ -181,6 +181,35 @@ class Statistics:
         self.shapes: dict = {}
         self.notes: set = set()
         self.runs = {"inputs": [], "outputs": {}, "torch": []}
+        #: per decoding step (``diagnose(steps=...)``): finished rows (Report.STEP_COLUMNS), the open step's sums
+        self.step_rows: list[tuple] = []
+        self._step: dict | None = None               # (unit, kind, name) -> ErrorStats of the open step
+        self._layer_index: dict = {}                 # module -> program index of its first op
+
+    # ---------------------------------------------------------------- per step
+    def begin_step(self) -> None:
+        """Open a decoding step: until :meth:`end_step`, every measurement also counts for this step alone."""
+        self._step = defaultdict(ErrorStats)
+
+    def compare_states(self, unit_states: dict, want: dict) -> None:
+        """Each unit's state tensors after a step (unit -> state name -> tensor) against ``want``
+        (state name -> torch's cache, or the reference program's state)."""
+        for cu, states in unit_states.items():
+            for name, value in states.items():
+                w = want.get(name)
+                if w is not None and self._step is not None:
+                    self._step[(cu, "state", name)].add(_as_numpy(value), np.reshape(_as_numpy(w), value.shape))
+
+    def end_step(self, step: int) -> None:
+        """Close step ``step``: one row per (unit, output / state / layer), scalars only."""
+        for (cu, kind, name), es in (self._step or {}).items():
+            if not es.n:
+                continue
+            res = es.result()
+            # a tuple in Report.STEP_COLUMNS order: the one thing that grows with the steps, kept small
+            self.step_rows.append((step, cu, name, kind, self._layer_index.get(name, -1) if kind == "layer" else -1,
+                                   res["max_abs_err"], res["rel_err"], res["nonfinite_frac"]))
+        self._step = None
 
     # ---------------------------------------------------------------- reference values
     def add_input_ranges(self, ref_feeds: dict) -> None:
@@ -225,6 +254,12 @@ class Statistics:
                 st.nonfinite_from_inputs = st.nonfinite_from_inputs or inputs_bad
                 self.first_nonfinite.setdefault(cu, name)
             if m.error is not None:
+                if self._step is not None:
+                    module = self.pairing.layer_map.module_of(name)
+                    if module is not None:
+                        module = module or "(model)"
+                        self._layer_index.setdefault(module, info.index)
+                        self._step[(cu, "layer", module)].merge(m.error)
                 st.acc.merge(m.error)
                 st.hist.merge(m.histogram)
                 if m.error.max_abs == 0 and not (m.error.n_nonfinite or m.error.ref_nonfinite) \
@@ -294,6 +329,8 @@ class Statistics:
                 self.shapes[("output", name)] = tuple(d.shape)
                 if want is not None and np.size(want) == d.size:
                     self.outputs[(cu, name)].add(d, np.reshape(want, d.shape))
+                    if self._step is not None:
+                        self._step[(cu, "output", name)].add(d, np.reshape(want, d.shape))
                     self.output_hist[(cu, name)].add(d, np.reshape(want, d.shape))
                 if g is not None and np.size(g) == d.size:
                     self.outputs_golden[(cu, name)].add(d, np.reshape(g, d.shape))
@@ -352,6 +389,10 @@ class Statistics:
                                               "flush_frac", "nonfinite_frac", "elements")},
                          "used_by": ", ".join(users)})
         return rows
+
+
+def _as_numpy(v) -> np.ndarray:
+    return v.detach().float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32)
 
 
 def _var_inputs(op):

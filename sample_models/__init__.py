@@ -3,7 +3,8 @@
 Every module has ``build()`` returning ``(model, example_inputs, description)``
 with fixed seeds, small enough to convert in a few seconds, and a docstring
 naming the symptom it shows. :func:`catalog` lists them; :func:`build` builds
-one by name.
+one by name. Stateful samples (:data:`STATEFUL`) also have ``step_inputs(n)``:
+one input dict per decoding step.
 """
 
 from __future__ import annotations
@@ -26,17 +27,24 @@ SAMPLES = (
     "compression_outlier",
 )
 
+#: stateful samples (Core ML states, iOS18): decoded step by step, so they are not in the one-call zoo above,
+#: whose users (tests, the panel, target matrices) predict once without state
+STATEFUL = (
+    "kv_decoder",
+)
+
 
 def _module(name: str):
-    if name not in SAMPLES:
-        raise KeyError(f"unknown sample {name!r}; expected one of {', '.join(SAMPLES)}")
+    if name not in SAMPLES + STATEFUL:
+        raise KeyError(f"unknown sample {name!r}; expected one of {', '.join(SAMPLES + STATEFUL)}")
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def catalog() -> list[dict]:
-    """One row per sample: name, pitfall id, symptom (first docstring line), description."""
+def catalog(stateful: bool = False) -> list[dict]:
+    """One row per sample: name, pitfall id, symptom (first docstring line), description;
+    ``stateful=True`` lists the stateful samples (:data:`STATEFUL`) instead."""
     rows = []
-    for name in SAMPLES:
+    for name in STATEFUL if stateful else SAMPLES:
         mod = _module(name)
         doc = (mod.__doc__ or "").strip()
         rows.append({

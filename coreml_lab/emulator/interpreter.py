@@ -22,7 +22,7 @@ import torch
 from . import dtypes
 from .profiles import FP32_EXACT, DeviceProfile, Precision
 from .program import module_path
-from .registry import lookup, supported_ops
+from .registry import declared_default, lookup, supported_ops
 
 #: MIL function -> its constants, shared by all interpreters of it (weights are held once per dtype)
 _SHARED_CONSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -92,7 +92,9 @@ class OpCall:
     * ``tensor(name)`` - an input as a torch tensor; floating inputs arrive in the
       op's compute dtype (FP32, or FP16 where the device computes in FP16).
     * ``value(name)`` - an input as a numpy value / python scalar / str
-      (for parameters such as axes, strides, modes).
+      (for parameters such as axes, strides, modes). An absent optional input reads as
+      the default coremltools' op definition declares for the op's opset
+      (:func:`.registry.declared_default`); ``int`` / ``float`` / ... likewise.
     * ``storage_dtype(i)`` - the torch dtype output ``i`` will be held in.
     * ``accumulate`` - the dtype for running sums (use :mod:`.numerics`).
     * ``hazard(rule)`` - whether the device uses a naive FP16 formula (profiles.HAZARDS).
@@ -160,7 +162,8 @@ class OpCall:
     def value(self, name: str, default=None):
         src = self.step.inputs.get(name)
         if src is None:
-            return default
+            declared = declared_default(self.op, name)
+            return default if declared is None else declared
         if isinstance(src, tuple):
             return [self._value_of(s) for s in src]
         return self._value_of(src)

@@ -247,9 +247,10 @@ class Lockstep:
             uses.update(ks)
         self.uses = uses
 
-    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_reference):
+    def run(self, ref_feeds: dict, dev_feeds: dict, on_step, on_reference, unit_feeds: dict | None = None):
         """Generator (``on_reference`` is one: it may wait for torch); returns (reference outputs,
-        each unit's outputs)."""
+        each unit's outputs). ``unit_feeds`` (unit -> name -> tensor) adds feeds of one unit alone,
+        such as its own state buffers."""
         ref_iter = self.ref.iterate(ref_feeds)
         remaining = Counter(self.uses)
         store = {k: v for k, v in ref_feeds.items() if remaining.get(k)}
@@ -264,7 +265,7 @@ class Lockstep:
             outs = [store.get(name) for name, _, _ in same.outputs]
             return None if any(o is None for o in outs) else outs
 
-        self.units.start({cu: dev_feeds for cu in self.units.interpreters})
+        self.units.start({cu: {**dev_feeds, **(unit_feeds or {}).get(cu, {})} for cu in self.units.interpreters})
         for index, step in enumerate(self.steps):
             keys = self.step_keys[index]
             while ref_open and any(k not in store for k in keys):

@@ -4,7 +4,7 @@ Inputs are validated against the model's own description (names, shapes
 including enumerated and ranged shapes, dtypes, image sizes) with errors that
 name what was expected. The user's data is never modified: arrays are converted
 into fresh tensors. Outputs come back with the model's declared names, shapes
-and dtypes.
+and dtypes, shaped as Core ML returns them (a rank-0 output as shape ``(1,)``).
 """
 
 from __future__ import annotations
@@ -196,7 +196,12 @@ class EmulatedModel:
             var = next(v for v in self.function.outputs if v.name == name)
             declared = dtypes.var_dtype(var)
         want = dtypes.numpy_dtype(declared)
-        return arr.astype(want) if arr.dtype != want else arr.copy()
+        arr = arr.astype(want) if arr.dtype != want else arr.copy()
+        # Core ML has no rank-0 multi-array: MLModel.predict returns a rank-0 output as shape (1,).
+        # coremltools' own op tests allow exactly that (converters/mil/testing_utils.py,
+        # compare_shapes: "Core ML does not support scalar as output ... expected.shape == ()
+        # and coreml_out.shape == (1,)"); code written against the emulator must meet the same.
+        return arr.reshape(1) if arr.ndim == 0 else arr
 
     # ------------------------------------------------------------------- inputs
     def prepare_inputs(self, data: dict) -> dict[str, torch.Tensor]:

@@ -2,13 +2,18 @@
 
 Kernels register with :func:`kernel`; the interpreter looks them up by op type.
 Coverage is compared against coremltools' own op registry (``SSAOpRegistry``)
-so the docs table is generated, never hand-kept.
+so the docs table is generated, never hand-kept. The default of an optional input
+is what the op's coremltools definition declares for its opset
+(:func:`declared_defaults`), never a value restated in a kernel.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from .profiles import FAMILIES
 
@@ -54,6 +59,89 @@ def kernel(*op_types: str, family: str, exact: bool = False, uses=ALL_USES, comp
         return fn
 
     return register
+
+
+#: MIL op -> its declared defaults (an op's definition and required inputs never change)
+_DEFAULTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def declared_defaults(op) -> dict:
+    """Defaults coremltools declares for ``op``'s optional inputs: name -> python / numpy value.
+
+    ``op`` is a MIL operation; it is an instance of the op class registered for its
+    function's opset (``ops/defs/iOS15..iOS18``), so ``op.default_inputs()`` is that
+    opset's definition (the way ONNX's reference ops read defaults from the schema).
+    Some defaults depend on the required inputs (``strides = [1] * spatial rank``,
+    ``epsilon`` in ``x``'s dtype), which the op carries.
+
+    An input that a later opset added (``batch_dims``, ``validate_indices``, ``pad_value``
+    ...) takes the default of the first later definition that declares it: opsets add
+    inputs whose default keeps the earlier behaviour. Inputs declared with a None default
+    (``bias``, ``gamma``) are left out: for those, absence has its own meaning.
+
+    The builder and the milproto loader materialise these defaults as constant inputs
+    (``Builder._add_op``), so a kernel meets an absent input only in a program from
+    another producer, an op made by hand, or where no default is declared.
+    """
+    try:
+        return _DEFAULTS[op]
+    except (KeyError, TypeError):
+        pass
+    found: dict = {}
+    own = type(op)
+    for cls in _definitions_from(op):
+        if cls is own:
+            declared = op.default_inputs().items()
+        else:
+            try:
+                declared = cls.default_inputs(_as_instance(op, cls)).items()
+            except (AttributeError, TypeError, ValueError):
+                # a later definition whose defaults need inputs this op does not have
+                continue
+        for name, value in declared:
+            if value is None or name in found or cls is not own and name in own.input_spec.input_types:
+                continue
+            if isinstance(value, range):
+                value = list(value)
+            elif isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
+                value = value.item()
+            found[name] = value
+    try:
+        _DEFAULTS[op] = found
+    except TypeError:  # an op that cannot be weakly referenced: not cached
+        pass
+    return found
+
+
+def declared_default(op, name: str):
+    """The default coremltools declares for input ``name`` of ``op``, or None (see :func:`declared_defaults`)."""
+    return declared_defaults(op).get(name)
+
+
+def _definitions_from(op) -> list:
+    """The op's own definition class, then those of later opsets (earliest first)."""
+    own = type(op)
+    if not hasattr(own, "default_inputs") or not hasattr(own, "input_spec"):
+        return []
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    versions = sorted(SSAOpRegistry.core_ops.get(getattr(op, "op_type", None), {}).items())
+    own_version = next((v for v, cls in versions if cls is own), None)
+    if own_version is None:
+        return [own]
+    later = []
+    for v, cls in versions:
+        if v > own_version and cls is not own and cls not in later:
+            later.append(cls)
+    return [own] + later
+
+
+def _as_instance(op, cls):
+    """A bare ``cls`` object holding ``op``'s inputs: a later opset's definition judging this op."""
+    obj = cls.__new__(cls)
+    for name in cls.input_spec.input_types:
+        setattr(obj, name, getattr(op, name, None))
+    return obj
 
 
 def _load_kernels() -> None:

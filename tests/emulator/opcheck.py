@@ -27,7 +27,7 @@ from coremltools.converters.mil.mil import Function, Program, types
 
 from coreml_lab.emulator import EmulatedModel
 from coreml_lab.emulator.profiles import gpu_fp16_accumulation
-from coreml_lab.emulator.registry import lookup
+from coreml_lab.emulator.registry import declared_default, lookup
 
 FP16_RTOL = 2e-2
 FP16_PROFILES = ("CPU_AND_GPU", "CPU_AND_NE")
@@ -174,18 +174,51 @@ def predict_one(mlmodel, data: dict, compute_unit="CPU_ONLY"):
     return next(iter(out.values()))
 
 
+class _FakeVar:
+    """What an op definition's ``default_inputs()`` reads of a required input: rank, shape, dtype."""
+
+    def __init__(self, t: torch.Tensor | None):
+        self.shape = tuple(t.shape) if t is not None else (1, 1, 1, 1)
+        self.rank = len(self.shape)
+        self.dtype = types.fp16 if t is not None and t.dtype == torch.float16 else types.fp32
+        self.val = None
+
+
+def definition_op(op_type, target=ct.target.iOS18, inputs=None):
+    """A bare instance of coremltools' op class for ``op_type`` at ``target`` (no builder, no program).
+
+    Required inputs are stand-ins carrying a shape (from ``inputs``' tensors when given);
+    optional inputs are absent. Enough for ``default_inputs()`` and the emulator's
+    :func:`declared_default`.
+    """
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    versions = SSAOpRegistry.core_ops.get(op_type, {})
+    usable = [v for v in versions if v <= target]
+    if not usable:
+        return type("Op", (), {"op_type": op_type})()
+    cls = versions[max(usable)]
+    op = cls.__new__(cls)
+    inputs = inputs or {}
+    for name, spec in cls.input_spec.input_types.items():
+        t = inputs.get(name)
+        setattr(op, name, None if spec.optional and t is None else _FakeVar(t))
+    return op
+
+
 class FakeOpCall:
     """Just enough of OpCall to drive a kernel directly with parameters no builder or converter would accept.
 
     ``tensors`` are what ``tensor``/``raw`` return; keyword ``values`` are what the
     value accessors return (unconverted, but ``int``/``ints`` give ints as OpCall does).
+    Values not given read as coremltools' declared defaults (iOS18 definition), as in OpCall.
     """
 
     accumulate = torch.float32
     compute_dtype = torch.float32
 
     def __init__(self, op_type, tensors=None, *, n_outputs=1, **values):
-        self.op = type("Op", (), {"op_type": op_type})()
+        self.op = definition_op(op_type, inputs=tensors)
         self._t, self._v = tensors or {}, values
         self.outputs = [None] * n_outputs
 
@@ -200,14 +233,17 @@ class FakeOpCall:
         return self._t.get(name, default)
 
     def value(self, name, default=None):
-        return self._v.get(name, default)
+        if name in self._v:
+            return self._v[name]
+        declared = declared_default(self.op, name)
+        return default if declared is None else declared
 
     def ints(self, name, default=None):
-        v = self._v.get(name)
+        v = self.value(name)
         return default if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
 
     def int(self, name, default=None):
-        v = self._v.get(name)
+        v = self.value(name)
         return default if v is None else int(v)
 
     float = bool = str = value

@@ -221,3 +221,27 @@ def test_supported_ops_covers_sample_models():
             conv = cl.convert(model, inputs, cl.ConversionOptions(precision=precision))
             missing = set(conv.op_types()) - ops
             assert not missing, f"{name} {precision}: {missing}"
+
+
+def test_a_rank_0_output_comes_back_as_shape_1_like_core_ml(tmp_path):
+    # MLMultiArray has no rank 0: Core ML returns a scalar output as shape (1,), and so must the emulator
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))], opset_version=ct.target.iOS16)
+    def prog(x):
+        return mb.reduce_sum(x=x), mb.reduce_argmax(x=mb.reshape(x=x, shape=[-1])), mb.mul(x=x, y=2.0)
+
+    ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                    compute_precision=ct.precision.FLOAT32)
+    total, argmax, doubled = [o.name for o in ml.get_spec().description.output]
+    assert [list(o.type.multiArrayType.shape) for o in ml.get_spec().description.output][:2] == [[], []]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = tmp_path / "scalar.mlpackage"
+    ml.save(str(path))
+    for model in (ml, str(path)):
+        for cu in ("CPU_ONLY", "CPU_AND_NE"):
+            out = EmulatedModel(model, cu).predict({"x": x})
+            assert out[total].shape == (1,) and out[total].dtype == np.float32
+            assert out[total][0] == 15.0
+            assert out[argmax].shape == (1,) and out[argmax].dtype == np.int32 and out[argmax][0] == 5
+            assert out[doubled].shape == (2, 3)

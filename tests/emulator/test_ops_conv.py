@@ -20,6 +20,8 @@ from opcheck import (
     require_kernels,
 )
 
+from coreml_lab.emulator import EmulatedModel
+
 # ----------------------------------------------------------------------------- numpy references
 
 
@@ -321,3 +323,40 @@ def test_bad_pad_type_names_input():
     assert conv_pads("conv", "same", [5], [4], [1], [1], None) == [(1, 2)]
     assert conv_pads("conv", "same_lower", [5], [4], [1], [1], None) == [(2, 1)]
     assert conv_pads("conv", "same", [7], [3], [3], [1], None) == [(1, 1)]  # ceil(7/3)=3: (3-1)*3+3-7 = 2
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float16])
+def test_fp32_program_with_fp16_constants_is_exact_for_the_constants_it_holds(x_dtype):
+    # coremltools' TestConv stress tests with x_weight_dtype (fp32, fp16) / (fp16, fp16): an ML Program
+    # converted at FP32 keeps the FP16 weights as FP16 constants. The emulator computes with exactly
+    # those values (FP32 within FP32 tolerance; an FP16 x makes the conv FP16-typed: one rounding of
+    # the exact result). The tests' expected values come from torch with the unrounded FP32 weights,
+    # which no runtime holding FP16 weights can reach at FP32 tolerance (coremltools runs these
+    # combinations only with its FP16 backends, whose tolerance is 0.5 / 5e-2).
+    from coremltools.converters.mil.mil import types
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(4, 6, (2, 4), padding=1)
+    w, b = m.weight.detach().numpy(), m.bias.detach().numpy()
+    x = torch.randn(1, 4, 6, 7)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.numpy_type_to_builtin_type(x_dtype))],
+                opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.conv(x=x, weight=w.astype(np.float16), bias=b.astype(np.float16), pad=[1, 1, 1, 1],
+                       pad_type="custom")
+
+    ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                    compute_precision=ct.precision.FLOAT32)
+    (conv,) = [op for op in ml._mil_program.functions["main"].operations if op.op_type == "conv"]
+    assert conv.weight.dtype == types.fp16
+    (got,) = EmulatedModel(ml).predict({"x": x.numpy()}).values()
+    held = F.conv2d(torch.from_numpy(x.numpy().astype(x_dtype).astype(np.float64)),
+                    torch.from_numpy(w.astype(np.float16).astype(np.float64)),
+                    torch.from_numpy(b.astype(np.float16).astype(np.float64)), padding=1).numpy()
+    if x_dtype == np.float32:
+        np.testing.assert_allclose(got, held, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, held.astype(np.float16))
+    unrounded = m(x).detach().numpy()
+    assert np.abs(held - unrounded).max() > 1e-4  # the gap coremltools' FP32-tolerance check sees

@@ -21,6 +21,7 @@ import torch.nn as nn
 from coremltools.converters.mil import Builder as mb
 from opcheck import FakeOpCall, check_mil_outputs, check_torch_op, emulate_mil, op_types
 
+from coreml_lab.emulator import EmulatedModel
 from coreml_lab.emulator.ops import recurrent as rec_ops
 
 # FP16 tolerance of these tests: rtol 2e-2 (FP16_RTOL), atol 2e-2 * max|want|
@@ -348,8 +349,64 @@ def test_fp16_accumulation_changes_lstm_numbers():
 
 def test_bad_activation_and_direction_raise_value_error():
     with pytest.raises(ValueError, match="recurrent_activation.*'swish'"):
-        rec_ops._activation(FakeOpCall("lstm", recurrent_activation="swish"), "recurrent_activation", "sigmoid")
+        rec_ops._activation(FakeOpCall("lstm", recurrent_activation="swish"), "recurrent_activation")
     with pytest.raises(ValueError, match="direction.*'bidirectional'.*forward, reverse"):
         rec_ops._direction(FakeOpCall("gru", direction="bidirectional"), ("forward", "reverse"))
-    assert rec_ops._activation(FakeOpCall("rnn", activation="SIGMOID_HARD"), "activation", "tanh") is \
+    assert rec_ops._activation(FakeOpCall("rnn", activation="SIGMOID_HARD"), "activation") is \
         rec_ops._hard_sigmoid
+
+
+def test_lstm_packed_batch_first_sequence_converts_and_matches_torch():
+    # coremltools' TestLSTMWithPackedSequence: its frontend gives the lstm zero initial states
+    # sized by the longest sequence (10) for a batch of 3; Core ML runs it, the emulator must too
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(input_size=4, hidden_size=6, batch_first=True)
+
+        def forward(self, batch_in, seq_lengths):
+            packed = pack_padded_sequence(batch_in, seq_lengths, batch_first=True)
+            out, _ = self.lstm(packed)
+            return pad_packed_sequence(out, batch_first=True)[0]
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x, lengths = torch.randn(3, 10, 4), torch.tensor([10, 5, 1], dtype=torch.int32)
+    want = model(x, lengths).detach().numpy()
+    ml = ct.convert(torch.jit.trace(model, (x, lengths)), convert_to="mlprogram",
+                    inputs=[ct.TensorType(name="x", shape=x.shape), ct.TensorType(name="n", shape=(3,), dtype=np.int32)],
+                    compute_precision=ct.precision.FLOAT32, minimum_deployment_target=ct.target.iOS15)
+    (lstm,) = [op for op in ml._mil_program.functions["main"].operations if op.op_type == "lstm"]
+    assert lstm.x.shape[1] == 3 and lstm.initial_h.op.op_type == "squeeze"  # the state is not [3, 6] by type
+    (got,) = EmulatedModel(ml).predict({"x": x.numpy(), "n": lengths.numpy()}).values()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, ok", [(1, True), (5, True), (2, False)])
+def test_lstm_initial_state_rows_broadcast_or_truncate(rows, ok):
+    x = RNG_LSTM.standard_normal((4, 3, 2)).astype(np.float32)
+    w_ih = RNG_LSTM.standard_normal((8, 2)).astype(np.float32)
+    w_hh = RNG_LSTM.standard_normal((8, 2)).astype(np.float32)
+    h0 = RNG_LSTM.standard_normal((rows, 2)).astype(np.float32)
+    c0 = RNG_LSTM.standard_normal((rows, 2)).astype(np.float32)
+    call = FakeOpCall("lstm", {"x": torch.from_numpy(x), "initial_h": torch.from_numpy(h0),
+                               "initial_c": torch.from_numpy(c0), "weight_ih": torch.from_numpy(w_ih),
+                               "weight_hh": torch.from_numpy(w_hh)}, n_outputs=3)
+    if not ok:
+        with pytest.raises(ValueError, match="'initial_h' has shape \\(2, 2\\); expected \\[3, ...\\]"):
+            rec_ops.lstm(call)
+        return
+    _, h, c = rec_ops.lstm(call)
+    # the same as feeding the rows a [3, H] state takes from it
+    take = np.repeat(h0, 3, 0)[:3] if rows == 1 else h0[:3]
+    takec = np.repeat(c0, 3, 0)[:3] if rows == 1 else c0[:3]
+    call2 = FakeOpCall("lstm", {**call._t, "initial_h": torch.from_numpy(take), "initial_c": torch.from_numpy(takec)},
+                       n_outputs=3)
+    _, h2, c2 = rec_ops.lstm(call2)
+    torch.testing.assert_close(h, h2)
+    torch.testing.assert_close(c, c2)
+
+
+RNG_LSTM = np.random.default_rng(1)

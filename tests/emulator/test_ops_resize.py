@@ -580,10 +580,10 @@ def test_mil_affine_matches_numpy(align):
 
 def test_bad_modes_raise_value_error_naming_input():
     with pytest.raises(ValueError, match="resize_bilinear input 'sampling_mode' is 'BILINEAR'.*UNALIGN_CORNERS"):
-        resize_ops._choice(FakeOpCall("resize_bilinear", sampling_mode="BILINEAR"), "sampling_mode", "DEFAULT",
+        resize_ops._choice(FakeOpCall("resize_bilinear", sampling_mode="BILINEAR"), "sampling_mode",
                            resize_ops._SAMPLING_MODES)
     with pytest.raises(ValueError, match="resample input 'padding_mode' is 'wrap'"):
-        resize_ops._choice(FakeOpCall("resample", padding_mode="wrap"), "padding_mode", "constant",
+        resize_ops._choice(FakeOpCall("resample", padding_mode="wrap"), "padding_mode",
                            resize_ops._PADDING_MODES, lower=True)
-    assert resize_ops._choice(FakeOpCall("affine", sampling_mode="Bilinear"), "sampling_mode", "bilinear",
+    assert resize_ops._choice(FakeOpCall("affine", sampling_mode="Bilinear"), "sampling_mode",
                               ("bilinear", "nearest"), lower=True) == "bilinear"

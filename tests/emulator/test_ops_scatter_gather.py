@@ -330,3 +330,41 @@ def test_bad_scatter_mode_raises_value_error():
 
     with pytest.raises(ValueError, match="mode='xor'.*update"):
         S._apply(Call(), torch.zeros(3), torch.tensor([0]), torch.ones(1), None, "scatter")
+
+
+@pytest.mark.parametrize("indices", [[-1, 0], [10, 0]])
+@pytest.mark.parametrize("op", ["scatter", "scatter_along_axis", "scatter_nd"])
+def test_ios17_validate_indices_stops_the_prediction_as_core_ml_does(op, indices):
+    # coremltools' iOS17 op tests: with validate_indices=True and runtime indices, Core ML raises a
+    # RuntimeError "Unable to compute the prediction using ML Program"; OpExecutionError is one
+    data, upd = randn(2, 3), randn(2, 3)
+    idx = np.array(indices, np.int32)
+    body = {
+        "scatter": lambda d, i, u: mb.scatter(data=d, indices=i, updates=u, validate_indices=True),
+        "scatter_along_axis": lambda d, i, u: mb.scatter_along_axis(
+            data=d, indices=mb.reshape(x=mb.tile(x=i, reps=[3]), shape=[2, 3]), updates=u, validate_indices=True),
+        "scatter_nd": lambda d, i, u: mb.scatter_nd(
+            data=d, indices=mb.reshape(x=i, shape=[2, 1]), updates=u, validate_indices=True),
+    }[op]
+    with pytest.raises(RuntimeError, match="Unable to compute the prediction using ML Program") as info:
+        run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS17")
+    assert isinstance(info.value, OpExecutionError) and op in str(info.value)
+
+
+def test_ios17_unvalidated_negative_scatter_index_is_out_of_bound_not_from_the_end():
+    # coremltools' TestScatter.test_ios17_invalid_indices: index -1 must not update the last row
+    # ("negative values are considered out-of-bound" from iOS17); before iOS17 it counts from the end
+    data = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    upd = np.array([[5, 6, 7], [8, 9, 10]], np.float32)
+    idx = np.array([-1, 0], np.int32)
+    body = lambda d, i, u: mb.scatter(data=d, indices=i, updates=u)
+    got17 = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS17")[0]
+    np.testing.assert_array_equal(got17, [[9, 11, 13], [4, 5, 6]])  # the -1 update is dropped
+    got15 = run_mil(body, {"d": data, "i": idx, "u": upd}, "iOS15")[0]
+    np.testing.assert_array_equal(got15, [[9, 11, 13], [9, 11, 13]])
+    # gathers clamp an out-of-bound index from iOS17 on, and still count from the end before
+    x = randn(4, 3)
+    g17 = run_mil(lambda x, i: mb.gather(x=x, indices=i), {"x": x, "i": np.array([-1, 1], np.int32)}, "iOS17")[0]
+    np.testing.assert_array_equal(g17, x[[0, 1]])
+    g15 = run_mil(lambda x, i: mb.gather(x=x, indices=i), {"x": x, "i": np.array([-1, 1], np.int32)}, "iOS15")[0]
+    np.testing.assert_array_equal(g15, x[[3, 1]])

@@ -133,7 +133,7 @@ _GELU_MODES = ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION")
 @kernel("gelu", family="activation")
 def gelu(call):
     x = call.tensor("x")
-    mode = call.str("mode", "EXACT")
+    mode = call.str("mode")
     dt = x.dtype
 
     def c(v):
@@ -212,7 +212,7 @@ def softplus_parametric(call):
 @kernel("softmax", family="activation")
 def softmax(call):
     x = call.tensor("x")
-    axis = call.int("axis", -1)
+    axis = call.int("axis")
     if x.ndim == 0:
         if axis not in (0, -1):
             raise ValueError(f"softmax: input 'axis' is {axis}; a rank-0 x only allows 0 or -1")

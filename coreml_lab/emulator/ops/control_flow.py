@@ -134,10 +134,10 @@ def _grows(call) -> bool:
 
 @kernel("make_list", family="control", exact=True)
 def make_list(call):
-    n = call.int("init_length", 1)
+    n = call.int("init_length")
     if n < 0:
         raise ValueError(f"make_list input 'init_length' = {n}; expected a length >= 0")
-    dtype_name = call.str("dtype", "fp32")
+    dtype_name = call.str("dtype")
     if dtype_name not in ("bool", "fp16", "fp32", "int32"):
         raise ValueError(f"make_list input 'dtype' = {dtype_name!r}; expected one of "
                          "'bool', 'fp16', 'fp32', 'int32'")

@@ -55,11 +55,9 @@ PAD_TYPES = ("valid", "same", "same_lower", "custom")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _param_list(call, name: str, nd: int, default: int) -> list[int]:
+def _param_list(call, name: str, nd: int) -> list[int]:
     v = call.ints(name)
-    if v is None:
-        return [default] * nd
-    if len(v) != nd:
+    if v is None or len(v) != nd:
         raise ValueError(
             f"{call.op.op_type}: input {name!r} = {v} must have one value per spatial dimension ({nd})")
     return v
@@ -117,10 +115,10 @@ def _check_rank(call, x, weight):
 def _conv_call(call, x, weight):
     nd = _check_rank(call, x, weight)
     bias = call.tensor("bias", dtype=x.dtype) if call.has("bias") else None
-    strides = _param_list(call, "strides", nd, 1)
-    dilations = _param_list(call, "dilations", nd, 1)
-    groups = call.int("groups", 1)
-    pad_type = call.str("pad_type", "valid")
+    strides = _param_list(call, "strides", nd)
+    dilations = _param_list(call, "dilations", nd)
+    groups = call.int("groups")
+    pad_type = call.str("pad_type")
     pads = conv_pads(call.op.op_type, pad_type, list(x.shape[2:]), list(weight.shape[2:]), strides, dilations,
                      call.ints("pad"))
     if x.shape[1] % groups or weight.shape[1] * groups != x.shape[1]:
@@ -206,10 +204,10 @@ def conv_transpose(call):
     x, weight = _operands(call)
     nd = _check_rank(call, x, weight)
     bias = call.tensor("bias") if call.has("bias") else None
-    strides = _param_list(call, "strides", nd, 1)
-    dilations = _param_list(call, "dilations", nd, 1)
-    groups = call.int("groups", 1)
-    pad_type = call.str("pad_type", "valid")
+    strides = _param_list(call, "strides", nd)
+    dilations = _param_list(call, "dilations", nd)
+    groups = call.int("groups")
+    pad_type = call.str("pad_type")
     if x.shape[1] != weight.shape[0] or x.shape[1] % groups:
         raise ValueError(
             f"conv_transpose: input 'weight' shape {tuple(weight.shape)} / 'groups' = {groups} do not fit "

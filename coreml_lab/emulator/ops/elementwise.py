@@ -148,14 +148,14 @@ def round_(call):
 @kernel("inverse", family="elementwise")
 def inverse(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-4)
+    eps = call.float("epsilon")
     return 1.0 / _unsigned_zero(call, x + torch.tensor(eps, dtype=x.dtype))
 
 
 @kernel("log", family="elementwise")
 def log(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-45)
+    eps = call.float("epsilon")
     y = torch.log(x + torch.tensor(eps, dtype=x.dtype))
     if call.hazard("log_zero_sentinel"):
         # Neural Engine: log(+0) is the finite sentinel -45,440, not -inf (NE_RULES)
@@ -166,7 +166,7 @@ def log(call):
 @kernel("rsqrt", family="elementwise")
 def rsqrt(call):
     x = call.tensor("x")
-    eps = call.float("epsilon", 1e-12)
+    eps = call.float("epsilon")
     return torch.rsqrt(_unsigned_zero(call, x + torch.tensor(eps, dtype=x.dtype)))
 
 

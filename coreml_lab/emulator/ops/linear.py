@@ -79,8 +79,8 @@ def linear(call):
 def matmul(call):
     x = call.tensor("x")
     y = call.tensor("y")
-    tx = call.bool("transpose_x", False)
-    ty = call.bool("transpose_y", False)
+    tx = call.bool("transpose_x")
+    ty = call.bool("transpose_y")
     if tx and x.ndim == 1:
         raise ValueError("matmul: input 'transpose_x' is True but 'x' is rank 1; expected False")
     if tx and x.ndim >= 2:

@@ -26,7 +26,7 @@ _F32 = torch.float32
 
 
 def _generator(call) -> torch.Generator | None:
-    seed = call.int("seed", -1)
+    seed = call.int("seed")
     if seed is None or seed < 0:
         return None
     g = torch.Generator()
@@ -43,23 +43,23 @@ def _shape(call) -> list[int]:
 
 @kernel("random_uniform", family="misc")
 def random_uniform(call):
-    low = call.float("low", 0.0)
-    high = call.float("high", 1.0)
+    low = call.float("low")
+    high = call.float("high")
     u = torch.rand(_shape(call), generator=_generator(call), dtype=_F32)
     return low + (high - low) * u
 
 
 @kernel("random_normal", family="misc")
 def random_normal(call):
-    mean = call.float("mean", 0.0)
-    std = call.float("stddev", 1.0)
+    mean = call.float("mean")
+    std = call.float("stddev")
     z = torch.randn(_shape(call), generator=_generator(call), dtype=_F32)
     return mean + std * z
 
 
 @kernel("random_bernoulli", family="misc")
 def random_bernoulli(call):
-    p = call.float("prob", 0.5)
+    p = call.float("prob")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"random_bernoulli input 'prob' = {p}; expected a probability in [0, 1]")
     u = torch.rand(_shape(call), generator=_generator(call), dtype=_F32)
@@ -69,8 +69,8 @@ def random_bernoulli(call):
 @kernel("random_categorical", family="misc")
 def random_categorical(call):
     x = call.tensor("x").to(_F32)
-    mode = call.str("mode", "logits")
-    size = call.int("size", 1)
+    mode = call.str("mode")
+    size = call.int("size")
     if size < 1:
         raise ValueError(f"random_categorical input 'size' = {size}; expected >= 1")
     if mode == "logits":

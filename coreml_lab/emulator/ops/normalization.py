@@ -23,9 +23,9 @@ from .. import numerics
 from ..registry import kernel
 
 
-def _scalar(call, name: str, default: float, like: torch.Tensor) -> torch.Tensor:
+def _scalar(call, name: str, like: torch.Tensor) -> torch.Tensor:
     """A float parameter as a 0-d tensor in ``like``'s dtype (rounded to FP16 on an FP16 device)."""
-    return torch.tensor(call.float(name, default), dtype=like.dtype)
+    return torch.tensor(call.float(name), dtype=like.dtype)
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, what: str, op: str) -> torch.Tensor:
@@ -58,7 +58,7 @@ def batch_norm(call):
     op = "batch_norm"
     mean = _channel_view(call.tensor("mean"), x, "mean", op)
     var = _channel_view(call.tensor("variance"), x, "variance", op)
-    eps = _scalar(call, "epsilon", 1e-5, x)
+    eps = _scalar(call, "epsilon", x)
     y = (x - mean) / torch.sqrt(var + eps)
     return _channel_affine(call, y, x, op)
 
@@ -77,7 +77,7 @@ def instance_norm(call):
     x = call.tensor("x")
     _check_rank(call, x, 3, None)  # docstring: 3 <= rank <= 4; higher ranks normalise the same way
     op = "instance_norm"
-    y = _standardize(call, x, list(range(2, x.ndim)), _scalar(call, "epsilon", 1e-5, x))
+    y = _standardize(call, x, list(range(2, x.ndim)), _scalar(call, "epsilon", x))
     return _channel_affine(call, y, x, op)
 
 
@@ -86,16 +86,13 @@ def layer_norm(call):
     x = call.tensor("x")
     rank = x.ndim
     axes = call.ints("axes")
-    if axes is None:
-        dims = list(range(rank))
-    else:
-        for a in axes:
-            if not -rank <= a < rank:
-                raise ValueError(f"layer_norm: input 'axes' has {a}, expected axes in [{-rank}, {rank - 1}]")
-        dims = sorted({a % rank for a in axes})
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(f"layer_norm: input 'axes' has {a}, expected axes in [{-rank}, {rank - 1}]")
+    dims = sorted({a % rank for a in axes})
     if not dims:
         raise ValueError("layer_norm: input 'axes' is empty, expected at least one axis")
-    eps = _scalar(call, "epsilon", 1e-5, x)
+    eps = _scalar(call, "epsilon", x)
     # gamma / beta have shape x.shape[axes] with the axes in increasing order
     norm_shape = [x.shape[i] if i in dims else 1 for i in range(rank)]
     params = {}
@@ -128,7 +125,7 @@ def l2_norm(call):
     _check_rank(call, x, 3, None)
     # the last three dimensions are normalised together; leading dimensions are batch
     dims = [x.ndim - 3, x.ndim - 2, x.ndim - 1]
-    eps = _scalar(call, "epsilon", 1e-6, x)
+    eps = _scalar(call, "epsilon", x)
     s = numerics.reduce_sum(x * x, dims, True, call.accumulate).to(x.dtype)
     return x / torch.sqrt(s + eps)
 
@@ -140,9 +137,9 @@ def local_response_norm(call):
     size = call.int("size")
     if size is None or size < 1:
         raise ValueError(f"local_response_norm: input 'size' is {size}, expected a positive integer")
-    alpha = call.float("alpha", 1e-4)
-    beta = _scalar(call, "beta", 0.75, x)
-    k = _scalar(call, "k", 1.0, x)
+    alpha = call.float("alpha")
+    beta = _scalar(call, "beta", x)
+    k = _scalar(call, "k", x)
     # Window over channels Q(c) = [c - floor(size/2), c + floor((size-1)/2)], zero padded, as
     # Apple documents for MPSCNNCrossChannelNormalization (symmetric for odd sizes; the MIL
     # docstring does not say how an even size is placed).

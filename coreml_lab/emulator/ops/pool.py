@@ -46,12 +46,12 @@ def _pool_geometry(call, x):
     ks = call.ints("kernel_sizes")
     if ks is None or len(ks) != nd:
         raise ValueError(f"{op}: input 'kernel_sizes' = {ks} must have one value per spatial dimension ({nd})")
-    strides = call.ints("strides") or [1] * nd
+    strides = call.ints("strides")
     if len(strides) != nd:
         raise ValueError(f"{op}: input 'strides' = {strides} must have one value per spatial dimension ({nd})")
-    pad_type = call.str("pad_type", "valid").lower()
+    pad_type = call.str("pad_type").lower()
     pads = conv_pads(op, pad_type, list(x.shape[2:]), ks, strides, [1] * nd, call.ints("pad"))
-    ceil_mode = call.bool("ceil_mode", False)
+    ceil_mode = call.bool("ceil_mode")
     extra = [0] * nd
     if ceil_mode:
         if pad_type == "same":
@@ -100,7 +100,7 @@ def max_pool(call):
 def avg_pool(call):
     x = call.tensor("x")
     nd, ks, strides, pads, extra = _pool_geometry(call, x)
-    exclude = call.bool("exclude_padding_from_average", False)
+    exclude = call.bool("exclude_padding_from_average")
     sums = _window_sum(_padded(x, pads, extra, 0.0), ks, strides, call.accumulate)
     # element counts per window: ones over what the denominator includes, zeros elsewhere
     ones = torch.ones((1, 1, *x.shape[2:]), dtype=FP32)

@@ -3,7 +3,11 @@
 Semantics: coremltools ``ops/defs/iOS15/recurrent.py`` (FP32 only), iOS17 (same
 ops, FP16 allowed) and iOS18 ``gru`` (``reset_after``, ``input_bias``).
 
-* ``x`` is ``[s, b, I]``; states are ``[b, DIRECTIONS*H]``.
+* ``x`` is ``[s, b, I]``; states are ``[b, DIRECTIONS*H]``. An lstm's initial state
+  with another leading size is read as Core ML reads a ``[b, ...]`` buffer: size 1
+  broadcasts over the batch, a larger one gives its first ``b`` rows. coremltools'
+  torch frontend makes such states for packed sequences (zeros sized by the longest
+  sequence, ``TestLSTMWithPackedSequence``), and Core ML runs them.
 * Gate layouts (rows of the weights, entries of the biases):
   ``lstm`` ``[input, forget, output, cell]`` (peephole ``[input, forget, output]``);
   ``gru`` ``[reset, output(new), update]``; ``rnn`` one block.
@@ -54,8 +58,8 @@ _ACTIVATIONS = {
 }
 
 
-def _activation(call, name: str, default: str):
-    v = call.str(name, default)
+def _activation(call, name: str):
+    v = call.str(name)
     fn = _ACTIVATIONS.get(v.lower())
     if fn is None:
         raise ValueError(
@@ -65,7 +69,7 @@ def _activation(call, name: str, default: str):
 
 
 def _direction(call, allowed) -> str:
-    d = call.str("direction", "forward")
+    d = call.str("direction")
     if d not in allowed:
         raise ValueError(f"{call.op.op_type} input 'direction' is {d!r}; expected one of {', '.join(allowed)}")
     return d
@@ -107,10 +111,24 @@ def _one_direction(call):
     x = call.tensor("x")
     _check_x(call, x)
     reverse = _direction(call, ("forward", "reverse")) == "reverse"
-    return x, call.compute_dtype, reverse, call.bool("output_sequence", False)
+    return x, call.compute_dtype, reverse, call.bool("output_sequence")
 
 
 # -- lstm ----------------------------------------------------------------------------------
+
+def _initial_state(call, name: str, batch: int) -> torch.Tensor:
+    """``initial_h`` / ``initial_c`` as ``[batch, width]`` (see the module docstring)."""
+    s = call.tensor(name)
+    s = s.reshape(-1, s.shape[-1]) if s.ndim != 2 else s
+    if s.shape[0] == batch:
+        return s
+    if s.shape[0] == 1:
+        return s.expand(batch, -1)
+    if s.shape[0] > batch:
+        return s[:batch]
+    raise ValueError(f"{call.op.op_type} input {name!r} has shape {tuple(s.shape)}; expected [{batch}, ...] "
+                     f"for a batch of {batch} (x has shape [seq, {batch}, input])")
+
 
 def _lstm_direction(call, x, h, c, w_ih, w_hh, bias, peephole, reverse, ra, ca, act, clip):
     dt = call.compute_dtype
@@ -145,13 +163,13 @@ def lstm(call):
     x = call.tensor("x")
     _check_x(call, x)
     direction = _direction(call, ("forward", "reverse", "bidirectional"))
-    output_sequence = call.bool("output_sequence", False)
-    ra = _activation(call, "recurrent_activation", "sigmoid")
-    ca = _activation(call, "cell_activation", "tanh")
-    act = _activation(call, "activation", "tanh")
+    output_sequence = call.bool("output_sequence")
+    ra = _activation(call, "recurrent_activation")
+    ca = _activation(call, "cell_activation")
+    act = _activation(call, "activation")
     clip = call.float("clip") if call.has("clip") else None
-    h0 = call.tensor("initial_h")
-    c0 = call.tensor("initial_c")
+    h0 = _initial_state(call, "initial_h", x.shape[1])
+    c0 = _initial_state(call, "initial_c", x.shape[1])
     w_ih, w_hh, hidden = _weights(call, "weight_ih", "weight_hh", 4, x)
     bias = call.tensor("bias")
     peephole = call.tensor("peephole")
@@ -188,9 +206,9 @@ def lstm(call):
 @kernel("gru", family="recurrent")
 def gru(call):
     x, dt, reverse, output_sequence = _one_direction(call)
-    ra = _activation(call, "recurrent_activation", "sigmoid")
-    act = _activation(call, "activation", "tanh")
-    reset_after = call.bool("reset_after", False)  # iOS18
+    ra = _activation(call, "recurrent_activation")
+    act = _activation(call, "activation")
+    reset_after = call.bool("reset_after", False)  # iOS18; documented "defaults to False", not declared
     h = call.tensor("initial_h")
     w_ih, w_hh, hidden = _weights(call, "weight_ih", "weight_hh", 3, x)
     bias = call.tensor("bias")
@@ -232,7 +250,7 @@ def gru(call):
 @kernel("rnn", family="recurrent")
 def rnn(call):
     x, dt, reverse, output_sequence = _one_direction(call)
-    act = _activation(call, "activation", "tanh")
+    act = _activation(call, "activation")
     h = call.tensor("initial_h")
     w_ih, w_hh, _ = _weights(call, "weight_ih", "weight_hh", 1, x)
     xp = _input_projection(call, x, w_ih, call.tensor("bias"))

@@ -35,7 +35,7 @@ FP32 = torch.float32
 def _axes_and_input(call):
     """(x, dims, keepdim) for a ReductionAxes op, with ``dims`` sorted non-negative and non-empty."""
     x = call.tensor("x")
-    keep = call.bool("keep_dims", False)
+    keep = call.bool("keep_dims")
     axes = call.ints("axes")
     rank = x.ndim
     if axes is None:
@@ -190,9 +190,9 @@ _ARG_OUTPUT_DTYPES = ("int32", "uint16")
 
 def _arg(call, fn):
     x = call.tensor("x")
-    axis = call.int("axis", -1)
-    keep = call.bool("keep_dims", False)
-    out_dtype = call.str("output_dtype", "int32")
+    axis = call.int("axis")
+    keep = call.bool("keep_dims")
+    out_dtype = call.str("output_dtype")
     if out_dtype.lower() not in _ARG_OUTPUT_DTYPES:
         raise ValueError(
             f"{call.op.op_type}: input 'output_dtype' is {out_dtype!r}, expected one of {_ARG_OUTPUT_DTYPES}"
@@ -221,9 +221,9 @@ def reduce_argmin(call):
 @kernel("cumsum", family="reduction")
 def cumsum(call):
     x = call.tensor("x")
-    axis = call.int("axis", 0)
-    exclusive = call.bool("exclusive", False)
-    reverse = call.bool("reverse", False)
+    axis = call.int("axis")
+    exclusive = call.bool("exclusive")
+    reverse = call.bool("reverse")
     if x.ndim == 0:
         raise ValueError("cumsum: input 'x' must have rank >= 1, got a scalar")
     if not -x.ndim <= axis < x.ndim:

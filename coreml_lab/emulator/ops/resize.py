@@ -47,8 +47,8 @@ _COORD_MODES = ("unnormalized", "normalized_minus_one_to_one", "normalized_zero_
 _F64 = torch.float64
 
 
-def _choice(call, name: str, default: str, allowed, lower: bool = False) -> str:
-    v = call.str(name, default)
+def _choice(call, name: str, allowed, lower: bool = False) -> str:
+    v = call.str(name)
     key = v.lower() if lower else v
     if key not in allowed:
         raise ValueError(
@@ -135,7 +135,7 @@ def _rank_at_least(call, x: torch.Tensor, n: int) -> None:
 # -- upsample / resize ---------------------------------------------------------------------
 
 def _scaled_size(call, x: torch.Tensor, axis: int, name: str) -> int:
-    scale = call.value(name, 1)
+    scale = call.value(name)
     computed = int(np.floor(np.float32(scale) * np.float32(x.shape[axis])))
     return _declared_dim(call, x, axis, computed)
 
@@ -172,8 +172,8 @@ def upsample_bilinear(call):
     h_in, w_in = x.shape[-2], x.shape[-1]
     h_out = _scaled_size(call, x, -2, "scale_factor_height")
     w_out = _scaled_size(call, x, -1, "scale_factor_width")
-    align = call.bool("align_corners", True)
-    half_pixel = call.bool("half_pixel_centers", not align)  # iOS16+; iOS15 implies !align_corners
+    align = call.bool("align_corners")
+    half_pixel = call.bool("half_pixel_centers", not align)  # iOS16+: documented "defaults to !align_corners", not declared
     if align:
         mode = "STRICT_ALIGN_CORNERS"
     elif half_pixel:
@@ -187,9 +187,9 @@ def upsample_bilinear(call):
 def resize_bilinear(call):
     x = _float_input(call)
     _rank_at_least(call, x, 3)
-    h_out = call.int("target_size_height", 1)
-    w_out = call.int("target_size_width", 1)
-    mode = _choice(call, "sampling_mode", "DEFAULT", _SAMPLING_MODES)
+    h_out = call.int("target_size_height")
+    w_out = call.int("target_size_width")
+    mode = _choice(call, "sampling_mode", _SAMPLING_MODES)
     h_in, w_in = x.shape[-2], x.shape[-1]
     return _bilinear_hw(x, _grid(mode, h_in - 1, h_out), _grid(mode, w_in - 1, w_out))
 
@@ -200,8 +200,8 @@ def resize(call):
     x = call.tensor("x")
     shape = call.ints("shape")
     k = call.int("resized_dims")
-    interp = _choice(call, "interpolation_mode", "LINEAR", ("LINEAR", "NEAREST_NEIGHBOR"))
-    mode = _choice(call, "sampling_mode", "DEFAULT", _SAMPLING_MODES)
+    interp = _choice(call, "interpolation_mode", ("LINEAR", "NEAREST_NEIGHBOR"))
+    mode = _choice(call, "sampling_mode", _SAMPLING_MODES)
     if k > len(shape) or len(shape) > x.ndim:
         raise ValueError(
             f"resize: need resized_dims ({k}) <= size(shape) ({len(shape)}) <= rank(x) ({x.ndim})"
@@ -260,9 +260,9 @@ def _gather_hw(xb: torch.Tensor, ih: torch.Tensor, iw: torch.Tensor) -> torch.Te
 
 def _crop_resize_core(call, x, boxes64, bidx, th, tw, pad_value):
     h, w = x.shape[-2], x.shape[-1]
-    mode = _choice(call, "sampling_mode", "DEFAULT", _SAMPLING_MODES)
-    box_mode = _choice(call, "box_coordinate_mode", "CORNERS_HEIGHT_FIRST", _BOX_MODES)
-    b = boxes64 * float(call.float("spatial_scale", 1.0))
+    mode = _choice(call, "sampling_mode", _SAMPLING_MODES)
+    box_mode = _choice(call, "box_coordinate_mode", _BOX_MODES)
+    b = boxes64 * float(call.float("spatial_scale"))
     if box_mode == "CORNERS_HEIGHT_FIRST":
         h0, w0, h1, w1 = b.unbind(1)
     elif box_mode == "CORNERS_WIDTH_FIRST":
@@ -274,7 +274,7 @@ def _crop_resize_core(call, x, boxes64, bidx, th, tw, pad_value):
             wc, hc, bw, bh = b.unbind(1)
         h0, h1 = hc - bh / 2, hc + bh / 2
         w0, w1 = wc - bw / 2, wc + bw / 2
-    if call.bool("normalized_coordinates", False):
+    if call.bool("normalized_coordinates"):
         h0, h1 = h0 * (h - 1), h1 * (h - 1)
         w0, w1 = w0 * (w - 1), w1 * (w - 1)
     ph = _box_grid(mode, h0, h1, th)  # [N, th]
@@ -300,16 +300,16 @@ def crop_resize(call):
     x = _float_input(call)
     if x.ndim != 4:
         raise ValueError(f"crop_resize input 'x' must be rank 4, got shape {tuple(x.shape)}")
-    th = call.int("target_height", 1)
-    tw = call.int("target_width", 1)
-    pad_value = call.float("pad_value", 0.0)
+    th = call.int("target_height")
+    tw = call.int("target_width")
+    pad_value = call.float("pad_value")
     bsz = x.shape[0]
     if call.has("boxes"):  # iOS17: boxes [N, 4], box_indices [N] -> [N, C, th, tw]
         boxes = call.raw("boxes").to(_F64).reshape(-1, 4)
         if call.has("box_indices"):
             bidx = call.raw("box_indices").to(torch.int64).reshape(-1)
-        else:
-            bidx = torch.arange(boxes.shape[0])
+        else:  # the declared default [0, 1, ..., N - 1]
+            bidx = torch.as_tensor(call.ints("box_indices"), dtype=torch.int64)
         if bidx.numel() and (int(bidx.min()) < 0 or int(bidx.max()) >= bsz):
             raise ValueError(f"crop_resize input 'box_indices' must lie in [0, {bsz}), got {bidx.tolist()}")
         return _crop_resize_core(call, x, boxes, bidx, th, tw, pad_value)
@@ -391,10 +391,10 @@ def _sample(x: torch.Tensor, px: torch.Tensor, py: torch.Tensor, sampling: str, 
 
 
 def _resample_params(call):
-    sampling = _choice(call, "sampling_mode", "bilinear", ("bilinear", "nearest"), lower=True)
-    padding = _choice(call, "padding_mode", "constant", _PADDING_MODES, lower=True)
-    coord_mode = _choice(call, "coordinates_mode", "normalized_minus_one_to_one", _COORD_MODES, lower=True)
-    return sampling, padding, coord_mode, call.float("padding_value", 0.0), call.bool("align_corners", True)
+    sampling = _choice(call, "sampling_mode", ("bilinear", "nearest"), lower=True)
+    padding = _choice(call, "padding_mode", _PADDING_MODES, lower=True)
+    coord_mode = _choice(call, "coordinates_mode", _COORD_MODES, lower=True)
+    return sampling, padding, coord_mode, call.float("padding_value"), call.bool("align_corners")
 
 
 @kernel("resample", family="resize")

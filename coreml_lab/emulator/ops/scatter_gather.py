@@ -6,13 +6,15 @@ indices are documented as out of bound there).
 
 Index handling, the same for every op and opset:
 
-* negative indices in ``[-D, 0)`` count from the end (iOS15/16 semantics; the
-  converters already make iOS17 indices non-negative, so this never changes an
-  in-range iOS17 program);
-* ``validate_indices=True`` raises ValueError on any index outside ``[0, D)``
-  (iOS17 counts negative indices as out of bound);
+* before iOS17, negative indices in ``[-D, 0)`` count from the end; the iOS17
+  definitions (the opset that adds ``validate_indices``) count negative indices as
+  out of bound ("now supports only positive values -- negative values are considered
+  out-of-bound"), and the converters make iOS17 indices non-negative first;
+* ``validate_indices=True`` raises on any index outside ``[0, D)``, as Core ML stops
+  the prediction ("Unable to compute the prediction using ML Program");
 * otherwise out-of-bound indices are "undefined but memory safe" on device: gathers
-  clamp them into range, scatters drop those updates.
+  clamp them into range, scatters drop those updates (coremltools' iOS17 op tests
+  expect an unvalidated scatter at index -1 not to update the last row).
 
 Scatter modes ``update/add/sub/mul/div/max/min`` are applied in update order
 (``update`` with repeated indices keeps the last update). ``add``/``sub`` run in the
@@ -28,6 +30,7 @@ import torch
 from ..registry import kernel
 
 _MODES = ("update", "add", "sub", "mul", "div", "max", "min")
+_NO_SPEC = type("NoSpec", (), {"input_types": {}})()
 
 
 def _axis(axis: int, rank: int, op: str) -> int:
@@ -41,14 +44,16 @@ def _fix_indices(call, idx: torch.Tensor, size, op: str, drop: bool = False):
     """int64 indices in [0, size) (size: int or a tensor broadcastable to idx) and an in-range mask."""
     idx = idx.long()
     size_t = torch.as_tensor(size, dtype=torch.long)
-    if call.bool("validate_indices", False):
+    if call.bool("validate_indices"):
         bad = (idx < 0) | (idx >= size_t)
         if bad.any():
             first = idx[bad].reshape(-1)[0].item()
             raise ValueError(f"{op}: validate_indices=True and input indices contain {first}, outside "
-                             f"[0, {size}) (iOS17 treats negative indices as out of bound)")
+                             f"[0, {size}) (iOS17 treats negative indices as out of bound); Core ML stops "
+                             f"here too: Unable to compute the prediction using ML Program")
         return idx, None
-    idx = torch.where(idx < 0, idx + size_t, idx)
+    if "validate_indices" not in getattr(call.op, "input_spec", _NO_SPEC).input_types:
+        idx = torch.where(idx < 0, idx + size_t, idx)  # before iOS17: from the end
     ok = (idx >= 0) & (idx < size_t)
     if bool(ok.all()):
         return idx, None
@@ -64,12 +69,12 @@ def _fix_indices(call, idx: torch.Tensor, size, op: str, drop: bool = False):
 def gather(call):
     x = call.tensor("x")
     idx = call.tensor("indices")
-    axis = _axis(call.int("axis", 0), x.ndim, "gather")
-    bd = call.int("batch_dims", 0)
+    axis = _axis(call.int("axis"), x.ndim, "gather")
+    bd = call.int("batch_dims")
     if bd < 0:
         bd += idx.ndim
     if not 0 <= bd <= min(axis, idx.ndim):
-        raise ValueError(f"gather: input batch_dims={call.int('batch_dims', 0)} must be in [0, min(axis, "
+        raise ValueError(f"gather: input batch_dims={call.int('batch_dims')} must be in [0, min(axis, "
                          f"rank(indices))] = [0, {min(axis, idx.ndim)}]")
     if tuple(idx.shape[:bd]) != tuple(x.shape[:bd]):
         raise ValueError(f"gather: the first batch_dims={bd} dims of x {list(x.shape)} and indices "
@@ -91,7 +96,7 @@ def gather(call):
 def gather_along_axis(call):
     x = call.tensor("x")
     idx = call.tensor("indices")
-    axis = _axis(call.int("axis", 0), x.ndim, "gather_along_axis")
+    axis = _axis(call.int("axis"), x.ndim, "gather_along_axis")
     if idx.ndim != x.ndim:
         raise ValueError(f"gather_along_axis: indices rank {idx.ndim} must equal x rank {x.ndim}")
     idx, _ = _fix_indices(call, idx, x.shape[axis], "gather_along_axis")
@@ -99,7 +104,7 @@ def gather_along_axis(call):
 
 
 def _nd_linear(call, idx: torch.Tensor, dims, op: str, drop: bool = False):
-    """Linear offsets into ``dims`` from the last axis of ``idx`` (negative indices wrapped)."""
+    """Linear offsets into ``dims`` from the last axis of ``idx`` (indices fixed as :func:`_fix_indices`)."""
     L = idx.shape[-1]
     sizes = torch.tensor(list(dims[:L]), dtype=torch.long)
     idx, ok = _fix_indices(call, idx, sizes, op, drop)
@@ -114,7 +119,7 @@ def _nd_linear(call, idx: torch.Tensor, dims, op: str, drop: bool = False):
 def gather_nd(call):
     x = call.tensor("x")
     idx = call.tensor("indices")
-    bd = call.int("batch_dims", 0)
+    bd = call.int("batch_dims")
     L = idx.shape[-1]
     if bd < 0 or bd + L > x.ndim or tuple(idx.shape[:bd]) != tuple(x.shape[:bd]):
         raise ValueError(f"gather_nd: indices {list(idx.shape)} with batch_dims={bd} do not fit x "
@@ -135,7 +140,7 @@ def gather_nd(call):
 
 def _apply(call, data: torch.Tensor, lin: torch.Tensor, upd: torch.Tensor, ok, op: str):
     """Scatter flat ``upd`` into flat positions ``lin`` of ``data`` by ``mode``."""
-    mode = call.str("mode", "add")
+    mode = call.str("mode")
     if mode not in _MODES:
         raise ValueError(f"{op}: input mode={mode!r} is not supported; expected one of {_MODES}")
     shape = data.shape
@@ -196,7 +201,7 @@ def scatter(call):
     data = call.tensor("data")
     idx = call.tensor("indices").reshape(-1)
     upd = call.tensor("updates")
-    axis = _axis(call.int("axis", 0), data.ndim, "scatter")
+    axis = _axis(call.int("axis"), data.ndim, "scatter")
     want = list(data.shape[:axis]) + [idx.numel()] + list(data.shape[axis + 1:])
     if list(upd.shape) != want:
         raise ValueError(f"scatter: input updates has shape {list(upd.shape)}; expected {want}")
@@ -214,7 +219,7 @@ def scatter_along_axis(call):
     data = call.tensor("data")
     idx = call.tensor("indices")
     upd = call.tensor("updates")
-    axis = _axis(call.int("axis", 0), data.ndim, "scatter_along_axis")
+    axis = _axis(call.int("axis"), data.ndim, "scatter_along_axis")
     if idx.shape != upd.shape or idx.ndim != data.ndim:
         raise ValueError(f"scatter_along_axis: indices {list(idx.shape)} and updates {list(upd.shape)} must "
                          f"have the same shape and the rank of data ({data.ndim})")

@@ -60,14 +60,14 @@ def _x(call, name: str = "x"):
 @kernel("fill", family="tensor", exact=True)
 def fill(call):
     shape = call.ints("shape")
-    value = call.value("value", 0.0)
+    value = call.value("value")
     return torch.full(shape, value, dtype=_out_dtype(call))
 
 
 @kernel("fill_like", family="tensor", exact=True)
 def fill_like(call):
     ref = call.raw("ref_tensor")
-    value = call.value("value", 0.0)
+    value = call.value("value")
     return torch.full(tuple(ref.shape), value, dtype=_out_dtype(call))
 
 
@@ -89,14 +89,14 @@ def range_1d(call):
 def one_hot(call):
     idx = call.tensor("indices").long()
     depth = call.int("one_hot_vector_size")
-    axis = call.int("axis", -1)
+    axis = call.int("axis")
     rank = idx.ndim
     a = axis + rank + 1 if axis < 0 else axis
     if not 0 <= a <= rank:
         raise ValueError(f"one_hot: input axis={axis} is out of range for rank-{rank} indices")
     dtype = _out_dtype(call)
-    on = torch.tensor(call.value("on_value", 1), dtype=dtype)
-    off = torch.tensor(call.value("off_value", 0), dtype=dtype)
+    on = torch.tensor(call.value("on_value"), dtype=dtype)
+    off = torch.tensor(call.value("off_value"), dtype=dtype)
     shape = [1] * (rank + 1)
     shape[a] = depth
     r = torch.arange(depth).reshape(shape)
@@ -119,8 +119,8 @@ def shape(call):
 @kernel("band_part", family="tensor", exact=True)
 def band_part(call):
     x = _x(call)
-    lower = call.int("lower", -1)
-    upper = call.int("upper", -1)
+    lower = call.int("lower")
+    upper = call.int("upper")
     m, n = x.shape[-2], x.shape[-1]
     rows = torch.arange(m).reshape(m, 1)
     cols = torch.arange(n).reshape(1, n)
@@ -139,7 +139,7 @@ def band_part(call):
 def pad(call):
     x = _x(call)
     pads = call.ints("pad")
-    mode = call.str("mode", "constant")
+    mode = call.str("mode")
     if mode not in ("constant", "reflect", "replicate"):
         raise ValueError(f"pad: input mode={mode!r} is not supported; expected 'constant', 'reflect' or 'replicate'")
     if len(pads) % 2 or len(pads) // 2 > x.ndim:
@@ -150,7 +150,7 @@ def pad(call):
     npairs = len(pads) // 2
     first = x.ndim - npairs
     if mode == "constant":
-        value = call.value("constant_val", 0.0)
+        value = call.value("constant_val")
         tpad = []
         for i in reversed(range(npairs)):
             tpad += [pads[2 * i], pads[2 * i + 1]]
@@ -196,30 +196,30 @@ def _sorted(x: torch.Tensor, axis: int, ascending: bool):
 @kernel("argsort", family="tensor", exact=True)
 def argsort(call):
     x = _x(call)
-    axis = _axis(call.int("axis", -1), x.ndim, op="argsort")
-    _, idx = _sorted(x, axis, call.bool("ascending", False))
+    axis = _axis(call.int("axis"), x.ndim, op="argsort")
+    _, idx = _sorted(x, axis, call.bool("ascending"))
     return idx.to(torch.int32)
 
 
 @kernel("topk", family="tensor", exact=True)
 def topk(call):
     x = _x(call)
-    axis = _axis(call.int("axis", -1), x.ndim, op="topk")
-    k = call.int("k", 1)
+    axis = _axis(call.int("axis"), x.ndim, op="topk")
+    k = call.int("k")
     n = x.shape[axis]
     if k == -1:
         k = n
     if not 0 <= k <= n:
         raise ValueError(f"topk: input k={k} is out of range for axis {axis} of size {n}")
-    dtype_name = call.str("output_indices_dtype", "int32")
+    # sort=False allows any order; the sorted order is one of them
+    vals, idx = _sorted(x, axis, call.bool("ascending"))
+    vals, idx = vals.narrow(axis, 0, k), idx.narrow(axis, 0, k)
+    if len(call.outputs) == 1:  # return_indices=False: iOS17 declares no output_indices_dtype then
+        return vals
+    dtype_name = call.str("output_indices_dtype")
     if dtype_name not in ("int32", "uint16"):
         raise ValueError(f"topk: input output_indices_dtype={dtype_name!r} is not supported; "
                          "expected 'int32' or 'uint16'")
-    # sort=False allows any order; the sorted order is one of them
-    vals, idx = _sorted(x, axis, call.bool("ascending", False))
-    vals, idx = vals.narrow(axis, 0, k), idx.narrow(axis, 0, k)
-    if len(call.outputs) == 1:
-        return vals
     return vals, idx.to(_out_dtype(call, 1, torch.int32))
 
 
@@ -234,7 +234,7 @@ def identity(call):
 @kernel("flatten2d", family="tensor", exact=True)
 def flatten2d(call):
     x = _x(call)
-    axis = call.int("axis", 1)
+    axis = call.int("axis")
     a = axis + x.ndim if axis < 0 else axis
     if not 0 <= a <= x.ndim:
         raise ValueError(f"flatten2d: input axis={axis} is out of range for a rank-{x.ndim} tensor")
@@ -327,7 +327,7 @@ def concat(call):
     if values[0].ndim == 0:
         return torch.stack(values)
     axis = _axis(call.int("axis"), values[0].ndim, op="concat")
-    if call.bool("interleave", False):
+    if call.bool("interleave"):
         st = torch.stack(values, dim=axis + 1)
         shape = list(values[0].shape)
         shape[axis] *= len(values)
@@ -374,8 +374,8 @@ def reverse(call):
 def reverse_sequence(call):
     x = _x(call)
     lengths = call.tensor("lengths").long().reshape(-1)
-    seq = _axis(call.int("seq_axis", 0), x.ndim, "seq_axis", "reverse_sequence")
-    batch = _axis(call.int("batch_axis", 0), x.ndim, "batch_axis", "reverse_sequence")
+    seq = _axis(call.int("seq_axis"), x.ndim, "seq_axis", "reverse_sequence")
+    batch = _axis(call.int("batch_axis"), x.ndim, "batch_axis", "reverse_sequence")
     if seq == batch:
         raise ValueError("reverse_sequence: inputs seq_axis and batch_axis must differ")
     T, B = x.shape[seq], x.shape[batch]
@@ -512,7 +512,7 @@ def sliding_windows(call):
     x = _x(call)
     axis = _axis(call.int("axis"), x.ndim, op="sliding_windows")
     size = call.int("size")
-    stride = call.int("stride", 1)
+    stride = call.int("stride")
     if size <= 0 or stride <= 0 or size > x.shape[axis]:
         raise ValueError(f"sliding_windows: inputs size={size}, stride={stride} are invalid for axis "
                          f"{axis} of size {x.shape[axis]}")
@@ -661,7 +661,7 @@ def non_maximum_suppression(call):
         raise ValueError(f"non_maximum_suppression: input max_boxes={max_boxes} must be non-negative")
     iou_t = call.float("iou_threshold")
     score_t = None if ios17 else call.float("score_threshold")
-    sel = _nms(boxes, scores, iou_t, score_t, max_boxes, call.bool("per_class_suppression", False))
+    sel = _nms(boxes, scores, iou_t, score_t, max_boxes, call.bool("per_class_suppression"))
     ok = sel >= 0
     g = sel.clamp(min=0)
     out_boxes = torch.gather(boxes, 1, g[..., None].expand(-1, -1, 4))
