@@ -96,9 +96,12 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     if variants and kind == "coreml":  # pragma: no cover - macOS only
         raise ValueError("device-profile variants describe the emulator: pass runtime='emulator' to "
                          "diagnose them on this Mac")
-    if steps is not None and (mlmodel is not None or packages.is_package(model)):
-        raise ValueError("steps= diagnoses a stateful model the kit converts; an existing package is diagnosed "
-                         "with inputs= (independent inputs)")
+    if steps is not None and inputs is not None:
+        raise ValueError("pass either inputs= (independent inputs, statistics aggregated) or steps= (decoding "
+                         "steps in order, state carried from one to the next), not both")
+    if steps is not None and mlmodel is not None:
+        raise ValueError("steps= with mlmodel= is not supported: diagnose the stateful package on its own "
+                         "(diagnose(package, example_inputs, steps=...)) or the torch model with steps=")
     if mlmodel is not None:
         return _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local,
                                              profiles, reuse, progress)
@@ -114,10 +117,16 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         example = packages.package_inputs(package, example_inputs)
         conv = packages.package_conversion(package, example,
                                            path=model if isinstance(model, (str, os.PathLike)) else None)
-        feeds = [packages.check_feeds(package, f, f"inputs[{i}]")
-                 for i, f in enumerate(dataset(inputs, conv.example_inputs))]
+        if steps is not None:
+            if isinstance(steps, dict) or not isinstance(steps, Sequence) or not steps:
+                raise ValueError("steps must be a non-empty list of input dicts, one per decoding step; the "
+                                 f"package expects {packages.expected_inputs(package)}")
+            feeds = [packages.check_feeds(package, f, f"steps[{i}]") for i, f in enumerate(steps)]
+        else:
+            feeds = [packages.check_feeds(package, f, f"inputs[{i}]")
+                     for i, f in enumerate(dataset(inputs, conv.example_inputs))]
         return Diagnosis(conv, conv, cus, kind, local, profiles, reuse=reuse,
-                         pairing=ProgramPairing.identity(conv)).run(feeds, progress)
+                         pairing=ProgramPairing.identity(conv)).run(feeds, progress, stepwise=steps is not None)
     if isinstance(model, Conversion):
         conv, opts = model, model.options
         if options is not None and as_options(options) != opts:
