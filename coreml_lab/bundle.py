@@ -176,7 +176,7 @@ def bundle_files(report) -> dict[str, bytes]:
         "layer_source": report.layer_source, "error": report.error,
         "error_explanation": _json_safe(report.error_explanation.__dict__) if report.error_explanation else None,
         "messages": [_json_safe(m.to_dict()) for m in report.messages if hasattr(m, "to_dict")],
-        "notes": list(report.notes), "tables": layouts, "histograms": _json_safe(hist_keys),
+        "notes": list(report.notes), "reference": report.reference, "tables": layouts, "histograms": _json_safe(hist_keys),
         "runs": run_index,
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
     }
@@ -301,6 +301,7 @@ def read_bundle(path) -> dict:
         messages=[Message.from_dict(_json_restore(m)) for m in manifest.get("messages", [])],
         layer_source=manifest.get("layer_source", "none"), error=manifest.get("error"),
         error_explanation=explanation, notes=manifest.get("notes", []), runs=runs,
+        reference=manifest.get("reference", "framework"),
         environment=manifest.get("environment", {}),
     )
 

@@ -111,6 +111,9 @@ class Report:
     environment: dict = field(default_factory=dict)
     #: per compressed weight: its weight error and what its layer loses (empty without compression)
     compression: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: what the errors are measured against: "framework" (the source model and its FP32 conversion) or
+    #: "package program (exact FP32)" (an existing package on its own: no framework reference exists)
+    reference: str = "framework"
     #: per decoding step (``diagnose(steps=...)``), see the module docstring
     steps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=Report.STEP_COLUMNS))
 
@@ -273,6 +276,9 @@ class Report:
         opts = self.options
         head = (f"coreml_lab diagnosis ({self.runtime}; {opts.precision if opts else '?'}, target "
                 f"{opts.target if opts else '?'}; {self.n_inputs} input(s))")
+        if self.reference != "framework":
+            head = (f"coreml_lab diagnosis ({self.runtime}; an existing package against its own program in exact "
+                    f"FP32, no framework reference; {self.n_inputs} input(s))")
         if not self.ok:
             lines = [head, f"Conversion FAILED: {self.error.splitlines()[0][:300]}"]
             if self.error_explanation is not None:
@@ -285,7 +291,7 @@ class Report:
             if not len(rows):
                 continue
             worst = rows.sort_values("rel_err", ascending=False).iloc[0]
-            verdict = _verdict(worst, tolerance)
+            verdict = _verdict(worst, tolerance, "PyTorch" if self.reference == "framework" else "its exact FP32 run")
             agree = rows["top1_agree"].dropna()
             top1 = f", top-1 agreement {agree.min():.0%}" if len(agree) else ""
             lines.append(f"- {cu}: {verdict} (max abs err {fmt(worst.max_abs_err)}, mean {fmt(worst.mean_abs_err)}, "
@@ -394,7 +400,7 @@ def _plots():
     return plots
 
 
-def _verdict(row, tolerance: float) -> str:
+def _verdict(row, tolerance: float, reference: str = "PyTorch") -> str:
     if row.nonfinite_frac and row.nonfinite_frac > 0:
         return f"BROKEN: {pct(row.nonfinite_frac)} of output values are inf/NaN"
     why = degenerate_reference(row.max_abs_err, row.rel_err)
@@ -404,7 +410,7 @@ def _verdict(row, tolerance: float) -> str:
         return "DIFFERENT: the top-1 class changes"
     if row.rel_err > tolerance:
         return "DIFFERENT beyond tolerance"
-    return "close to PyTorch"
+    return f"close to {reference}"
 
 
 def load_report(path) -> Report:

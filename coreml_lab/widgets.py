@@ -2,8 +2,10 @@
 
 ``lab(...)`` returns a :class:`Lab`: an options panel (model, precision incl. mixed with the
 op types to keep in FP32, deployment target, convert_to, compute units, runtime, weight
-compression) with a "Convert and diagnose" button, and a dashboard with tabs - Summary,
-Per-layer error, Histograms, FP16 range, Compute units, Compression, Messages, Fixes. Errors raised while converting or
+compression, and a path to an existing ``.mlpackage`` to diagnose instead, on its own or against
+the chosen model) with a "Convert and diagnose" button, and a dashboard with tabs - Summary,
+Per-layer error, Histograms, FP16 range, Compute units, Compression, Messages, Fixes. Errors
+raised while converting or
 running are shown in the panel (with their explanation where one is known), never swallowed.
 Everything the button does is also callable (``Lab.run()``), so a notebook renders its
 results without a click.
@@ -46,7 +48,8 @@ def _error_html(exc: BaseException) -> str:
 class Lab:
     """Options panel + dashboard. ``widget`` is the whole UI; ``report`` the last diagnosis."""
 
-    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None):
+    def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+                 package: str = ""):
         self.user_model, self.user_inputs = model, example_inputs
         opts = options or ConversionOptions()
         choices = ([YOUR_MODEL] if model is not None else []) + list(sample_models.SAMPLES)
@@ -71,6 +74,11 @@ class Lab:
         current = NO_COMPRESSION if opts.compression is None else (
             YOUR_CONFIG if self._own_compression is not None else opts.compression.spec)
         self.compression = W.Dropdown(options=compressions, value=current, description="Compression")
+        #: an existing .mlpackage to diagnose (its own program in exact FP32 is the reference) ...
+        self.package = W.Text(value=str(package or ""), placeholder="path/to/model.mlpackage (optional)",
+                              description="Package", layout=W.Layout(width="420px"))
+        #: ... or against the chosen model, the one it came from
+        self.with_source = W.Checkbox(value=False, description="against the chosen model", indent=False)
         # the Neural Engine generation the emulated CPU_AND_NE / ALL model (profiles.NE_GENERATIONS)
         self.ne_chip = W.Dropdown(
             options=[(f"{g.name}: {g.chips}" + (" (default)" if g.name == DEFAULT_NE_GENERATION else ""), g.name)
@@ -97,6 +105,7 @@ class Lab:
             W.HBox([self.precision, self.runtime, self.ne_chip]),
             W.HBox([self.compression]),
             W.HBox([self.compute_units, self.fp32_ops]),
+            W.HBox([self.package, self.with_source]),
             W.HBox([self.button, self.status]),
         ])
         self.widget = W.VBox([W.HTML("<h3 style='margin:0'>coreml_lab</h3>"), options_box, self.error,
@@ -154,8 +163,14 @@ class Lab:
             if model is None:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
             units = self.selected_units()
+            package = self.package.value.strip()
             with self.progress:
-                report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
+                if package and self.with_source.value:  # the package against the model it came from
+                    report = diagnose(model, inputs, compute_units=units, runtime=self.runtime.value, mlmodel=package)
+                elif package:  # the package on its own, fed the chosen model's example inputs
+                    report = diagnose(package, inputs, compute_units=units, runtime=self.runtime.value)
+                else:
+                    report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value)
             self.report = report
             self._fill(report)
             self.status.value = ("<b style='color:#2ca02c'>done</b>" if report.ok else
@@ -271,9 +286,11 @@ class _ReportError(Exception):
         self.explanation = report.error_explanation
 
 
-def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None) -> Lab:
-    """The interactive panel and dashboard; display it in a notebook cell."""
-    return Lab(model, example_inputs, sample, options)
+def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
+        package: str = "") -> Lab:
+    """The interactive panel and dashboard; display it in a notebook cell. ``package``: a path to an
+    existing ``.mlpackage`` to diagnose (the panel's Package field)."""
+    return Lab(model, example_inputs, sample, options, package)
 
 
 __all__ = ["lab", "Lab"]
