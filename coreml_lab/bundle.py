@@ -33,7 +33,8 @@ from .options import ConversionOptions
 
 FORMAT = "coreml_lab-bundle"
 VERSION = 1
-TABLES = ("layers", "outputs", "fp16_range", "references", "first_nonfinite", "divergence", "torch_layers", "steps")
+TABLES = ("layers", "outputs", "fp16_range", "references", "first_nonfinite", "divergence", "torch_layers",
+          "steps", "compression")
 FILES = ("tables.npz", "histograms.npz", "runs.npz", "summary.txt")
 
 
@@ -175,7 +176,7 @@ def bundle_files(report) -> dict[str, bytes]:
         "layer_source": report.layer_source, "error": report.error,
         "error_explanation": _json_safe(report.error_explanation.__dict__) if report.error_explanation else None,
         "messages": [_json_safe(m.to_dict()) for m in report.messages if hasattr(m, "to_dict")],
-        "notes": list(report.notes), "tables": layouts, "histograms": _json_safe(hist_keys),
+        "notes": list(report.notes), "reference": report.reference, "tables": layouts, "histograms": _json_safe(hist_keys),
         "runs": run_index,
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
     }
@@ -293,12 +294,14 @@ def read_bundle(path) -> dict:
         fp16_range=frames.get("fp16_range", pd.DataFrame()), references=frames.get("references", pd.DataFrame()),
         first_nonfinite=frames.get("first_nonfinite", pd.DataFrame()),
         divergence=frames.get("divergence", pd.DataFrame()), torch_layers=frames.get("torch_layers", pd.DataFrame()),
+        compression=frames.get("compression", pd.DataFrame()),
         **({"steps": frames["steps"]} if "steps" in frames else {}),
         histograms=histograms, options=opts, compute_units=manifest.get("compute_units", []),
         runtime=manifest.get("runtime", "emulator"), n_inputs=manifest.get("n_inputs", 0),
         messages=[Message.from_dict(_json_restore(m)) for m in manifest.get("messages", [])],
         layer_source=manifest.get("layer_source", "none"), error=manifest.get("error"),
         error_explanation=explanation, notes=manifest.get("notes", []), runs=runs,
+        reference=manifest.get("reference", "framework"),
         environment=manifest.get("environment", {}),
     )
 

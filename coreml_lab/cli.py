@@ -3,7 +3,10 @@
 A model is given as ``package.module:function`` (a function returning ``(model, example_inputs)``
 or ``(model, example_inputs, description)``, like the samples: ``sample_models.healthy:build``),
 or as a model file (.pt/.ts TorchScript, .pt2, .onnx, .mlpackage) with ``--input name=1,3,224,224``
-(repeatable; ``:int32`` after the shape for integer inputs) to make example inputs.
+(repeatable; ``:int32`` after the shape for integer inputs) to make random example inputs, or
+``--inputs feeds.npz`` (named arrays, ``np.savez``). An existing ``.mlpackage`` is diagnosed on
+its own (against its own program run exactly in FP32); ``--mlmodel m.mlpackage`` diagnoses that
+package against the model it came from.
 
 Exit codes: 0 success; 1 the error exceeds ``--tolerance`` (or no fix was found): a CI gate;
 2 bad arguments or inputs.
@@ -21,7 +24,7 @@ class UsageError(Exception):
     pass
 
 
-def _load_model(spec: str, input_specs: list[str]):
+def _load_model(spec: str, input_specs: list[str], npz: str | None = None):
     if ":" in spec and not Path(spec).exists():
         mod_name, _, func = spec.partition(":")
         try:
@@ -35,13 +38,34 @@ def _load_model(spec: str, input_specs: list[str]):
         result = fn()
         if not isinstance(result, tuple) or len(result) < 2:
             raise UsageError(f"{spec} must return (model, example_inputs[, description]), got {type(result).__name__}")
-        return result[0], result[1]
+        return result[0], _npz_inputs(npz) if npz else result[1]
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{spec!r} is neither module:function nor an existing model file")
-    if not input_specs and path.suffix not in (".mlpackage",):
-        raise UsageError(f"give example inputs for {path.name} with --input name=d1,d2,...[:dtype]")
-    return str(path), _example_inputs(input_specs) if input_specs else None
+    if input_specs and npz:
+        raise UsageError("give example inputs either with --input or with --inputs, not both")
+    if npz:
+        return str(path), _npz_inputs(npz)
+    if not input_specs:
+        raise UsageError(f"give example inputs for {path.name} with --inputs feeds.npz (named arrays) or "
+                         "--input name=d1,d2,...[:dtype] (random values)")
+    return str(path), _example_inputs(input_specs)
+
+
+def _npz_inputs(path: str) -> dict:
+    """Named arrays of an .npz file (``np.savez(path, name=array, ...)``)."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise UsageError(f"--inputs {path!r}: no such file (expected an .npz of named arrays, from np.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.array(data[name]) for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--inputs {path!r} is not an .npz of named arrays (np.savez writes one): {exc}") from exc
+    if not isinstance(arrays, dict) or not arrays:
+        raise UsageError(f"--inputs {path!r} holds no arrays; expected one array per model input, by name")
+    return arrays
 
 
 def _example_inputs(specs: list[str]) -> dict:
@@ -81,7 +105,8 @@ def _options(args):
 def _add_model_args(p):
     p.add_argument("model", help="module:function returning (model, example_inputs), or a model file")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
-                   help="example input for a model file (repeatable)")
+                   help="random example input for a model file (repeatable)")
+    p.add_argument("--inputs", metavar="FEEDS.npz", help="example inputs for a model file: an .npz of named arrays")
     p.add_argument("--precision", default="fp16", help="fp16 | fp32 | mixed (default fp16)")
     p.add_argument("--fp32-ops", default="", help="with --precision mixed: comma-separated op types/names")
     p.add_argument("--target", default="iOS17", help="deployment target (default iOS17)")
@@ -114,11 +139,15 @@ def _with_ne_chip(units: list[str], chip: str | None) -> list:
 def cmd_diagnose(args) -> int:
     import coreml_lab as cl
 
-    model, example = _load_model(args.model, args.input)
+    from .packages import is_package
+
+    model, example = _load_model(args.model, args.input, args.inputs)
     units = _with_ne_chip([u for u in args.compute_units.split(",") if u], args.ne_chip)
+    # an existing package is diagnosed as it is: conversion options do not apply to it
+    options = None if is_package(model) else _options(args)
     try:
-        report = cl.diagnose(model, example, _options(args), compute_units=units, runtime=args.runtime,
-                             progress=not args.quiet)
+        report = cl.diagnose(model, example, options, compute_units=units, runtime=args.runtime,
+                             progress=not args.quiet, mlmodel=args.mlmodel)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     print(report.summary())
@@ -140,7 +169,7 @@ def cmd_diagnose(args) -> int:
 def cmd_fix(args) -> int:
     import coreml_lab as cl
 
-    model, example = _load_model(args.model, args.input)
+    model, example = _load_model(args.model, args.input, args.inputs)
     if args.compression:  # a compression fix: weights to leave uncompressed
         fix = cl.find_uncompressed_ops(model, example, _options(args), tolerance=args.tolerance,
                                        time_budget=args.budget, progress=not args.quiet)
@@ -181,7 +210,7 @@ def cmd_matrix(args) -> int:
 
     import coreml_lab as cl
 
-    model, example = _load_model(args.model, args.input)
+    model, example = _load_model(args.model, args.input, args.inputs)
     targets = [t for t in args.targets.split(",") if t]
     table = cl.target_matrix(model, example, _options(args), targets=targets, compute_unit=args.compute_unit)
     with pd.option_context("display.width", 200, "display.max_colwidth", 80):
@@ -198,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("diagnose", help="convert, run every compute unit, report where precision is lost")
     _add_model_args(p)
+    p.add_argument("--mlmodel", metavar="M.mlpackage",
+                   help="diagnose this existing package against MODEL, the torch model it came from")
     p.add_argument("--compute-units", default="CPU_ONLY,CPU_AND_GPU,CPU_AND_NE")
     p.add_argument("--ne-chip", default=None, metavar="CHIP",
                    help="Neural Engine generation CPU_AND_NE / ALL model: M1 (M1, A14) or M5 (A15 and later, "

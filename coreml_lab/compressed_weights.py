@@ -154,6 +154,18 @@ def _original_weights(program) -> dict:
     return out
 
 
+def original_of(compressed_program, original_program, paired: dict | None = None) -> dict:
+    """Compressed weight var name -> its uncompressed value in ``original_program`` (the same model
+    converted without compression); ``paired`` as in :func:`describe`. Weights not found are left out."""
+    orig = _original_weights(original_program)
+    out = {}
+    for e in compressed_weights(compressed_program):
+        w = orig.get(((paired or {}).get(e["op"], e["op"]), e["input"]))
+        if w is not None:
+            out[e["weight"]] = w
+    return out
+
+
 def decompressed_values(program) -> dict:
     """Var name -> the weight coremltools' own decompression materialises.
 
@@ -185,13 +197,15 @@ def weight_error(original: np.ndarray, decompressed: np.ndarray) -> tuple[float,
     return snr, float(np.abs(w - d).max()) if w.size else 0.0
 
 
-def describe(compressed, original=None, layer_map=None):
+def describe(compressed, original=None, layer_map=None, paired: dict | None = None):
     """A DataFrame: one row per compressed const of ``compressed`` (an MLModel, MIL program or Conversion).
 
     Columns: op (consumer op name, the name ``op_name_configs`` takes), op_type, input, module
     (torch module path where known), weight, shape, mode, nbits, granularity, block, sparsity,
     constexpr_ops, weight_snr_db, max_abs_weight_error. The weight error columns need
     ``original`` (the uncompressed model/program/Conversion of the same model; NaN without it).
+    ``paired``: compressed op name -> the name of the same op in ``original``, where the two
+    differ (an FP16 program beside its FP32 reference: ``linear_0_cast_fp16`` -> ``linear_0``).
     """
     import pandas as pd
 
@@ -218,7 +232,7 @@ def describe(compressed, original=None, layer_map=None):
     decompressed = decompressed_values(prog) if orig and entries else {}
     for e in entries:
         snr = err = math.nan
-        w = orig.get((e["op"], e["input"]))
+        w = orig.get(((paired or {}).get(e["op"], e["op"]), e["input"]))
         if w is not None and e["weight"] in decompressed:
             snr, err = weight_error(w, decompressed[e["weight"]])
         rows.append({"op": e["op"], "op_type": e["op_type"], "input": e["input"],
@@ -237,4 +251,4 @@ def _module_of(layer_map, op) -> str:
     return layer_map.op_module(op) or ""
 
 
-__all__ = ["describe", "compressed_weights", "decompressed_values", "weight_error"]
+__all__ = ["describe", "compressed_weights", "decompressed_values", "weight_error", "original_of"]

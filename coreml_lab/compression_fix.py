@@ -109,8 +109,8 @@ class CompressionFix:
         ax.invert_yaxis()
         ax.axvline(self.tolerance, color="k", ls="--", lw=1, label=f"tolerance {self.tolerance:g}")
         ax.set_xlabel("output relative error vs torch FP32, only this op compressed")
-        ax.set_title(f"Compression sensitivity (red: uncompressed, orange: 8 bits); error {self.error_before:.3g} -> "
-                     f"{self.error_after:.3g}")
+        ax.set_title(f"Compression sensitivity (red: left uncompressed, orange: 8 bits)\noutput error "
+                     f"{self.error_before:.3g} -> {self.error_after:.3g}", fontsize=10)
         ax.legend(loc="lower right")
         fig.tight_layout()
         return fig

@@ -17,6 +17,7 @@ translation_error       800+  the FP32 program already differs from torch (rel >
 integer_flip            700+  its integer output (top-k, argmax) starts to differ
 constant_out_of_range   650   a constant it reads flushes to zero or overflows in FP16
 flush_to_zero           600+  its values fall below 2^-24 and flush to zero
+compressed_weights      500+  it reads compressed weights and alone loses more than ``tolerance``
 local_error             100+  the op alone loses more than ``tolerance`` relative
 error_growth             50+  its error grows over 10x its inputs' (and not only inherited)
 =====================  =====  ============================================================
@@ -55,6 +56,11 @@ class Context:
     bad_constants: dict
     #: (compute unit, output var) -> rel_err: the error at an op's inputs
     rel_err_of: dict
+    #: op name -> its rows of ``Report.compression`` (the compressed weights it reads)
+    compressed: dict = None
+
+    def compressed_weights(self, row) -> list:
+        return list((self.compressed or {}).get(row.op, []))
 
     def range_of(self, row):
         return self.ranges.get(row.reference) if row.reference else None
@@ -106,6 +112,21 @@ def _bad_constants(row, c: Context) -> list:
     return list(c.bad_constants.get(row.reference, [])) if c.bad_alone(row) else []
 
 
+def _compressed(row, c: Context) -> list:
+    weights = c.compressed_weights(row)
+    if not weights or not gt(row.local_rel_err, c.tolerance):
+        return []
+    return [min(weights, key=lambda w: w.weight_snr_db if w.weight_snr_db == w.weight_snr_db else math.inf)]
+
+
+def _compressed_reason(row, c: Context, w) -> str:
+    snr = "" if w.weight_snr_db != w.weight_snr_db else f", weight SNR {w.weight_snr_db:.0f} dB"
+    plain = getattr(w, "uncompressed_local_rel_err", math.nan)
+    plain = "" if plain != plain else f"{plain:.2g} with its weights uncompressed; "
+    return (f"compressed weights: {w.compression}{snr}, local error {row.local_rel_err:.2g} "
+            f"({plain}rel err {c.worst_input_error(row):.2g} arrives from upstream)")
+
+
 def _growth(row, c: Context) -> list:
     worst_in = c.worst_input_error(row)
     grows = gt(row.rel_err, c.tolerance) and not math.isinf(row.rel_err) \
@@ -141,6 +162,9 @@ RULES: tuple[Rule, ...] = (
          lambda r, c, w: 650,
          lambda r, c, w: f"its constant {w.output} (|x| = {fmt(w.min_abs_nonzero if w.flush_frac else w.max_abs)}) "
                          f"{'flushes to zero' if w.flush_frac > 0 else 'overflows'} in FP16"),
+    Rule("compressed_weights", _compressed,
+         lambda r, c, w: 500 + min(10 * math.log10(r.local_rel_err / c.tolerance), 90),
+         _compressed_reason),
     Rule("local_error",
          lambda r, c: _when(gt(r.local_rel_err, c.tolerance)),
          lambda r, c, e: 100 + min(10 * math.log10(r.local_rel_err / c.tolerance), 400),
@@ -151,8 +175,9 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def context(layers: pd.DataFrame, fp16_range: pd.DataFrame | None, tolerance: float) -> Context:
-    """The rules' :class:`Context` from a Report's ``layers`` and ``fp16_range`` tables."""
+def context(layers: pd.DataFrame, fp16_range: pd.DataFrame | None, tolerance: float,
+            compression: pd.DataFrame | None = None) -> Context:
+    """The rules' :class:`Context` from a Report's ``layers``, ``fp16_range`` and ``compression`` tables."""
     ranges, bad_constants = {}, {}
     if fp16_range is not None and len(fp16_range):
         ranges = {r.output: r for r in fp16_range[fp16_range["kind"] == "activation"].itertuples()}
@@ -161,15 +186,22 @@ def context(layers: pd.DataFrame, fp16_range: pd.DataFrame | None, tolerance: fl
                 for user in str(w.used_by).split(", "):
                     bad_constants.setdefault(user, []).append(w)
     rel_err_of = {(r.compute_unit, r.output): r.rel_err for r in layers.itertuples()}
-    return Context(tolerance, ranges, bad_constants, rel_err_of)
+    compressed: dict = {}
+    if compression is not None and len(compression):
+        seen = set()
+        for w in compression.itertuples():
+            if (w.op, w.weight) not in seen:  # the same weight on every unit
+                seen.add((w.op, w.weight))
+                compressed.setdefault(w.op, []).append(w)
+    return Context(tolerance, ranges, bad_constants, rel_err_of, compressed)
 
 
 def culprits(layers: pd.DataFrame, fp16_range: pd.DataFrame | None, n: int = 10, tolerance: float = 1e-2,
-             rules: Iterable[Rule] = RULES) -> pd.DataFrame:
+             rules: Iterable[Rule] = RULES, compression: pd.DataFrame | None = None) -> pd.DataFrame:
     """The ops most to blame by ``rules``, best first (see :meth:`.report.Report.culprits`)."""
     if layers is None or not len(layers):
         return pd.DataFrame(columns=COLUMNS)
-    c = context(layers, fp16_range, tolerance)
+    c = context(layers, fp16_range, tolerance, compression)
     rules = tuple(rules)
     rows = []
     for r in layers.itertuples():

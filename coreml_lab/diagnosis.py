@@ -3,8 +3,9 @@
 How the numbers are made (all streaming: statistics are updated as values pass;
 no run keeps every tensor):
 
-* The FP32 conversion of the same model, run exactly (CPU_ONLY emulator), is the
-  per-op reference: each op of the diagnosed program is paired with the op of the
+* The FP32 conversion of the same model, run exactly (the ``EXACT_FP32`` profile), is the
+  per-op reference (an existing package diagnosed on its own is its own reference, run
+  exactly in FP32: :mod:`.packages`): each op of the diagnosed program is paired with the op of the
   FP32 program it came from (:mod:`.pairing`, by structure).
 * The diagnosed program runs under each compute unit *in lockstep* with that
   reference run (:class:`~.emulator.lockstep.Lockstep`), so every op is compared while
@@ -22,6 +23,7 @@ no run keeps every tensor):
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -29,14 +31,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import packages
 from . import runtime as rt
+from .compression_report import compression_table, mark_layers, original_weights
 from .convert import Conversion, ConversionError, convert, prepare
 from .emulator.lockstep import Lockstep, var_input_names
-from .emulator.profiles import PROFILES, get_profile, profile_label
+from .emulator.profiles import EXACT_FP32, PROFILES, get_profile, profile_label
 from .feeds import dataset
 from .local_error import LocalErrors
 from .options import ConversionOptions, as_options
-from .pairing import ProgramPairing, pair_programs, reference_key
+from .pairing import ProgramPairing, pair_programs, reference_key, unpaired_ops
 from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
 from .report import Report
 from .states import StepStates, check_steps, preserved_buffers
@@ -50,11 +54,16 @@ DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 def diagnose(model, example_inputs=None, options: ConversionOptions | dict | None = None,
              compute_units: Sequence[str] = DEFAULT_COMPUTE_UNITS, runtime: str = "auto",
              inputs: Iterable[dict] | None = None, progress: bool = True, local: bool = True, *,
-             reuse: bool = True, steps: Sequence[dict] | None = None) -> Report:
+             reuse: bool = True, steps: Sequence[dict] | None = None, mlmodel=None) -> Report:
     """Diagnose ``model`` converted with ``options`` on each compute unit; returns a :class:`Report`.
 
     ``model`` may also be a :class:`~.convert.Conversion` from :func:`~.convert.convert`: it is
     diagnosed as converted (its options and example inputs; nothing is traced again).
+    ``model`` may be an existing ML Program (a ``.mlpackage`` path or a coremltools MLModel),
+    diagnosed on its own: the reference is its own program executed exactly in FP32 (no framework
+    reference; the report says so). ``mlmodel=`` (a package or MLModel) with a torch ``model``
+    diagnoses that package against the kit's FP32 conversion of the model it came from, paired
+    by structure (:mod:`.packages` refuses a model that does not pair).
     ``inputs``: an iterable of input dicts (a small dataset) whose statistics are aggregated;
     default the example inputs. ``runtime``: "auto" (Core ML on macOS, else the emulator),
     "emulator" or "coreml". ``local=False`` skips the per-op local re-runs (faster).
@@ -88,6 +97,37 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     if variants and kind == "coreml":  # pragma: no cover - macOS only
         raise ValueError("device-profile variants describe the emulator: pass runtime='emulator' to "
                          "diagnose them on this Mac")
+    if steps is not None and inputs is not None:
+        raise ValueError("pass either inputs= (independent inputs, statistics aggregated) or steps= (decoding "
+                         "steps in order, state carried from one to the next), not both")
+    if steps is not None and mlmodel is not None:
+        raise ValueError("steps= with mlmodel= is not supported: diagnose the stateful package on its own "
+                         "(diagnose(package, example_inputs, steps=...)) or the torch model with steps=")
+    if mlmodel is not None:
+        return _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local,
+                                             profiles, reuse, progress)
+    if isinstance(model, Conversion) and model.method == "loaded":
+        if options is not None:
+            raise ValueError("an existing Core ML model is diagnosed as it is: pass options=None")
+        model, example_inputs = model.mlmodel, (model.example_inputs if example_inputs is None else example_inputs)
+    if packages.is_package(model):
+        if options is not None and as_options(options) != ConversionOptions():
+            raise ValueError("an existing Core ML package is diagnosed as it is (nothing is converted): pass "
+                             "options=None, or pass the torch model with mlmodel=the package")
+        package = packages.load_package(model)
+        example = packages.package_inputs(package, example_inputs)
+        conv = packages.package_conversion(package, example,
+                                           path=model if isinstance(model, (str, os.PathLike)) else None)
+        if steps is not None:
+            if isinstance(steps, dict) or not isinstance(steps, Sequence) or not steps:
+                raise ValueError("steps must be a non-empty list of input dicts, one per decoding step; the "
+                                 f"package expects {packages.expected_inputs(package)}")
+            feeds = [packages.check_feeds(package, f, f"steps[{i}]") for i, f in enumerate(steps)]
+        else:
+            feeds = [packages.check_feeds(package, f, f"inputs[{i}]")
+                     for i, f in enumerate(dataset(inputs, conv.example_inputs))]
+        return Diagnosis(conv, conv, cus, kind, local, profiles, reuse=reuse,
+                         pairing=ProgramPairing.identity(conv)).run(feeds, progress, stepwise=steps is not None)
     if isinstance(model, Conversion):
         conv, opts = model, model.options
         if options is not None and as_options(options) != opts:
@@ -97,7 +137,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
             raise ValueError("diagnose(conversion) uses the conversion's own example inputs: pass "
                              "example_inputs=None, and other feeds as inputs=")
         prep = conv.prepared
-        if prep is None and conv.method != "loaded":
+        if prep is None:
             raise ValueError("this Conversion does not carry its trace (it came from a bundle or was copied); "
                              "pass the model itself")
     else:
@@ -107,8 +147,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         if not isinstance(model, Conversion):
             conv = convert(None, options=opts, prepared=prep)
         # the exact reference: the FP32 conversion, through coremltools' op mapping (torch modules)
-        conv32 = conv if conv.method == "loaded" else convert(
-            None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep, layer_mapping=True)
+        conv32 = _fp32_conversion(opts, prep)
     except ConversionError as exc:
         return Report.failed(opts, exc, cus, runtime=kind)
     if conv.program is None:
@@ -131,6 +170,37 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
                                                                               stepwise=steps is not None)
 
 
+def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
+    """The FP32 conversion a diagnosis measures against, through coremltools' op mapping."""
+    return convert(None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep,
+                   layer_mapping=True)
+
+
+def _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local, profiles,
+                                  reuse, progress) -> Report:
+    """A package (``mlmodel``) against the kit's FP32 conversion of the torch ``model`` it came from."""
+    if isinstance(model, Conversion) or packages.is_package(model):
+        raise ValueError("mlmodel= is the package to diagnose; model must then be the torch model it came from "
+                         f"(got {type(model).__name__}); to diagnose a package on its own pass it as model")
+    package = packages.load_package(mlmodel)
+    names = [s.name for s in packages.input_specs(package)]
+    if isinstance(example_inputs, dict) and sorted(example_inputs) == sorted(names):
+        example_inputs = tuple(example_inputs[n] for n in names)  # named as the package names them
+    prep = prepare(model, example_inputs)
+    if prep.source.kind == "mlpackage":
+        raise ValueError("mlmodel= is the package to diagnose; model must be the torch model it came from")
+    prep = packages.with_names(prep, packages.renamed_inputs(package, prep.inputs))
+    opts = as_options(options) if options is not None else ConversionOptions(target=packages.target_of(package))
+    try:
+        conv32 = _fp32_conversion(opts, prep)
+    except ConversionError as exc:
+        return Report.failed(opts, exc, cus, runtime=kind)
+    conv = packages.package_conversion(package, prep.inputs, opts, source=prep.source)
+    pairing = ProgramPairing.of(conv, conv32)
+    packages.check_paired(conv, conv32, pairing.ref_of, unpaired_ops(conv.program, pairing.ref_of))
+    feeds = [packages.check_feeds(package, f, f"inputs[{i}]") for i, f in enumerate(dataset(inputs, prep.inputs))]
+    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse, pairing=pairing).run(feeds, progress)
+
 
 class Diagnosis:
     """One diagnosis run: the references and every compute unit, in lockstep; :meth:`run` returns the Report.
@@ -141,21 +211,28 @@ class Diagnosis:
     """
 
     def __init__(self, conv: Conversion, conv32: Conversion, cus: list[str], kind: str, local: bool,
-                 profiles: dict | None = None, reuse: bool = True):
+                 profiles: dict | None = None, reuse: bool = True, pairing: ProgramPairing | None = None):
         self.conv, self.conv32, self.cus, self.kind, self.local = conv, conv32, cus, kind, local
         #: compute what several units (or a unit and the reference) compute identically only once
         self.reuse = reuse
         self.profiles = profiles or {cu: get_profile(cu) for cu in cus}  # label -> device profile
-        self.pairing = ProgramPairing.of(conv, conv32)
+        self.pairing = pairing if pairing is not None else ProgramPairing.of(conv, conv32)
+        #: the package is its own reference (run exactly in FP32): no framework reference exists
+        self.own_reference = conv32 is conv
         self.ref_of = self.pairing.ref_of
         self.torch_model = conv.source.reference if conv.source is not None else None
         output_names = [o.name for o in conv.mlmodel.get_spec().description.output]
         self.stats = Statistics(cus, self.pairing, output_names, conv32.program)
         self._double = None  # FP64 twin of the torch model, made once
         self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
+        #: compressed weights' original values; the local errors of their ops re-run with them
+        self.originals = original_weights(conv, conv32, self.pairing) if local else {}
+        self.uncompressed_local: dict = {}
 
     def run(self, feeds_list: list[dict], progress: bool, stepwise: bool = False) -> Report:
-        ref = _emulated(self.conv32.mlmodel, "CPU_ONLY", self.pairing.ref_map.op_module)
+        ref = _emulated(self.conv32.mlmodel, EXACT_FP32, self.pairing.ref_map.op_module)
+        if self.own_reference:
+            self.stats.notes.add(packages.NO_FRAMEWORK_NOTE)
         devs = {}
         if self.kind == "emulator":
             devs = {cu: _emulated(self.conv.mlmodel, self.profiles[cu], self.pairing.layer_map.op_module)
@@ -202,8 +279,13 @@ class Diagnosis:
             self.stats.record_run(feeds, dev_outs, torch_run)
             bar.update(len(self.cus))
         bar.close()
-        return Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list),
-                                      profiles=self.profiles)
+        report = Report.from_statistics(self.stats, conversion=self.conv, runtime=self.kind, n_inputs=len(feeds_list),
+                                        profiles=self.profiles)
+        report.reference = "package program (exact FP32)" if self.own_reference else "framework"
+        report.compression = compression_table(report.layers, self.conv, self.conv32, self.pairing,
+                                               self.uncompressed_local)
+        report.layers = mark_layers(report.layers, report.compression)
+        return report
 
     def _golden(self, tensors):
         """The FP64 run; FP64 weights made per module as it runs, or a full FP64 copy if needed."""
@@ -226,7 +308,7 @@ class Diagnosis:
     def _lockstep(self, ref, devs, feeds, torch_run, states=None):
         """Generator: one input through the reference and every unit in lockstep, measured as it goes."""
         stats = self.stats
-        ref_feeds = ref.prepare_inputs(feeds)
+        ref_feeds = _widened(ref.prepare_inputs(feeds), feeds)
         stats.add_input_ranges(ref_feeds)
         dev_feeds = next(iter(devs.values())).prepare_inputs(feeds)
         for name, value in dev_feeds.items():  # the very reference tensors where equal: steps can be reused
@@ -241,7 +323,8 @@ class Diagnosis:
         interps = {cu: m.interpreter for cu, m in devs.items()}
         bad_consts = steps_with_nonfinite_consts(next(iter(interps.values())))
         lock = Lockstep(ref.interpreter, interps, self.local, self.ref_of, reuse=self.reuse)
-        local = LocalErrors(stats, interps, reuse=self.reuse) if self.local else None
+        local = LocalErrors(stats, interps, reuse=self.reuse, originals=self.originals,
+                            uncompressed=self.uncompressed_local) if self.local else None
         run = RunState.of(self.cus)
 
         def on_step(index, step, values, refs):
@@ -278,6 +361,17 @@ class Diagnosis:
         return ref_outs, dev_outs
 
 
+def _widened(ref_feeds: dict, feeds: dict) -> dict:
+    """The reference's feeds: an input the program declares FP16 is given as fed, in FP32 (not rounded)."""
+    out = dict(ref_feeds)
+    for name, value in ref_feeds.items():
+        given = np.asarray(feeds.get(name)) if name in feeds else None
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float16 and given is not None \
+                and given.dtype.kind == "f" and given.dtype.itemsize > 2:
+            out[name] = torch.from_numpy(np.array(given, dtype=np.float32))
+    return out
+
+
 #: mlmodel -> compute unit -> its compiled emulator (a re-run diagnosis compiles nothing again)
 _EMULATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -287,7 +381,7 @@ def _emulated(mlmodel, profile, module_of):
     compiled once per mlmodel (``module_of``, the conversion's op -> module mapping, is the same
     for one mlmodel, so the first one compiled is kept). Variants are compiled per diagnosis."""
     profile = get_profile(profile)
-    if PROFILES.get(profile.compute_unit) != profile:
+    if PROFILES.get(profile.compute_unit) != profile and profile != EXACT_FP32:
         return rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
     per_unit = _EMULATED.setdefault(mlmodel, {})
     model = per_unit.get(profile.compute_unit)

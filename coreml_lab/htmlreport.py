@@ -41,7 +41,7 @@ def _profiles(env: dict) -> list[str]:
 
 
 def render(report, title: str = "coreml_lab diagnosis") -> str:
-    """The page: verdict, outputs, culprits, figures, FP16 range, messages, environment."""
+    """The page: verdict, outputs, culprits, compressed weights, figures, FP16 range, messages, environment."""
     parts = [f"<h1>{html.escape(title)}</h1>", f"<pre>{html.escape(report.summary())}</pre>"]
     env = report.environment or {}
     if env:
@@ -52,6 +52,11 @@ def render(report, title: str = "coreml_lab diagnosis") -> str:
         parts += ["<h2>Outputs</h2>", _table(report.outputs, ["compute_unit", "output", "max_abs_err", "mean_abs_err",
                                                                "rel_err", "snr_db", "nonfinite_frac", "top1_agree"])]
         parts += ["<h2>Culprits</h2>", _table(report.culprits(10))]
+        compression = getattr(report, "compression", None)
+        if compression is not None and len(compression):
+            parts += ["<h2>Compressed weights</h2>", _figure(report.plot_compression()),
+                      _table(compression, ["compute_unit", "op", "module", "compression", "weight_snr_db",
+                                           "weight_max_abs_err", "local_rel_err", "upstream_rel_err", "rel_err"])]
         parts += ["<h2>Error along depth</h2>", _figure(report.plot_layer_errors())]
         parts += ["<h2>Output error histograms</h2>", _figure(report.plot_error_histograms())]
         parts += ["<h2>FP16 range</h2>", _figure(report.plot_fp16_range())]

@@ -3,7 +3,11 @@
 A layer that only inherits error from its inputs is not to blame; one whose op alone loses
 precision is. The re-runs are shared where they provably compute the same
 (:func:`~.emulator.lockstep.share_key`), and a unit whose inputs already equal the reference's
-takes its own device run as the local run. A re-run that fails is reported, never dropped:
+takes its own device run as the local run. A compressed weight (a ``constexpr_*`` op's output,
+which the uncompressed FP32 reference does not have) enters the re-run as the unit decompressed
+it: the op's local error then includes what its compressed weights cost; given the original
+weights (``originals``), the op is re-run once more with them, at the same precision, into
+``uncompressed``: the precision's share of its local error. A re-run that fails is reported, never dropped:
 a note in the Report names the op, the units and the reason.
 """
 
@@ -29,12 +33,19 @@ def storage_table(interp) -> dict:
 class LocalErrors:
     """The local re-runs of one diagnosis, recorded into ``stats`` (``OpStats.local``)."""
 
-    def __init__(self, stats: Statistics, interpreters: dict, reuse: bool = True):
+    def __init__(self, stats: Statistics, interpreters: dict, reuse: bool = True, originals: dict | None = None,
+                 uncompressed: dict | None = None):
         self.stats = stats
         self.ref_of = stats.ref_of
         self.interpreters = interpreters  # unit -> emulator interpreter
         self.storage = {cu: storage_table(interp) for cu, interp in interpreters.items()}
         self.reuse = reuse
+        #: unit -> var -> decompressed weight (constexpr_* outputs: constants with no reference var)
+        self.weights: dict = {cu: {} for cu in interpreters}
+        #: compressed weight var -> its uncompressed value; (unit, output var) -> ErrorStats of the op
+        #: re-run alone with those (kept by the caller across inputs)
+        self.originals = originals or {}
+        self.uncompressed = uncompressed if uncompressed is not None else {}
 
     def measure(self, index: int, step, values: dict, refs: dict, state: StepState, exact: dict,
                 same: dict) -> None:
@@ -42,6 +53,10 @@ class LocalErrors:
         their reference; ``same``: per unit, the reference step computing exactly this op (or None)."""
         in_names = var_input_names(step)
         units = self.stats.units
+        if step.op.op_type.startswith("constexpr_"):
+            for cu in units:
+                for (name, _, _), v in zip(step.outputs, values[cu]):
+                    self.weights[cu][name] = v
         # a unit whose inputs all equal the reference already ran this op on them
         rerun = [cu for cu in units if not (self.reuse and all(n in exact[cu] for n in in_names))]
         for cu in set(units) - set(rerun):
@@ -83,13 +98,30 @@ class LocalErrors:
                         f"(its local_* columns are empty): the op alone on the reference inputs failed with "
                         f"{type(exc).__name__}: {str(exc)[:160]}")
                     continue
-            for (name, _, _), lv in zip(cstep.outputs, local_vals):
-                r = refs.get(self.ref_of.get(name))
-                if is_float(lv) and is_float(r) and r.numel() == lv.numel():
-                    delta = ErrorStats()
-                    delta.add(lv, r, classifier=False, ref_sums=ref_sums.get(name))
-                    for cu in members:
-                        self.stats.ops[cu][name].local.merge(delta)
+            self._record(cstep, local_vals, refs, ref_sums, members, lambda cu, name: self.stats.ops[cu][name].local)
+            swapped = [n for n in in_names if n in self.originals and n in env]
+            if swapped:  # the same op with its original weights, at the same precision
+                plain = dict(env)
+                for n in swapped:
+                    plain[n] = torch.as_tensor(self.originals[n]).to(env[n].dtype).reshape(env[n].shape)
+                try:
+                    plain_vals = self.run_alone(cstep, plain)
+                except Exception as exc:  # noqa: BLE001 - reported, as above
+                    self.stats.notes.add(f"the uncompressed local error of {cstep.op.name!r} was not measured: "
+                                         f"{type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                self._record(cstep, plain_vals, refs, ref_sums, members,
+                             lambda cu, name: self.uncompressed.setdefault((cu, name), ErrorStats()))
+
+    def _record(self, cstep, local_vals, refs, ref_sums, members, target) -> None:
+        """Each float output of a local run against its reference, merged into ``target(unit, var)``."""
+        for (name, _, _), lv in zip(cstep.outputs, local_vals):
+            r = refs.get(self.ref_of.get(name))
+            if is_float(lv) and is_float(r) and r.numel() == lv.numel():
+                delta = ErrorStats()
+                delta.add(lv, r, classifier=False, ref_sums=ref_sums.get(name))
+                for cu in members:
+                    target(cu, name).merge(delta)
 
     def _inputs(self, cu, in_names, refs, rounded) -> dict | None:
         """The op's inputs for a local run on ``cu``; None if one has no reference value or overflows."""
@@ -98,6 +130,9 @@ class LocalErrors:
         for name in in_names:
             key = self.ref_of.get(name)
             r = refs.get(key)
+            if r is None and name in self.weights[cu]:
+                env[name] = self.weights[cu][name]  # a compressed weight, as the unit decompressed it
+                continue
             if r is None:
                 return None  # an input without reference value: no local measurement
             dt = storage.get(name)

@@ -260,6 +260,53 @@ def compute_unit_divergence(report, max_rows: int = 40) -> Figure:
     return fig
 
 
+def compression(report, tolerance: float = 1e-2) -> Figure:
+    """Per compressed layer: the error its compressed weights add (local; a dash: the same op with its
+    weights uncompressed, the precision's share) beside the error that arrives from upstream, per
+    compute unit, and its weight SNR; from ``report.compression``."""
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    table = getattr(report, "compression", None)
+    if table is None or not len(table):
+        return _empty(fig, "no compressed weights in this conversion")
+    ax, ax_snr = fig.subplots(1, 2, width_ratios=[2.2, 1])
+    layers = list(dict.fromkeys(table.sort_values("index")["op"]))
+    names = [f"{m or op}" for op, m in table.drop_duplicates("op").set_index("op").loc[layers, "module"].items()]
+    units = [cu for cu in report.compute_units if cu in set(table["compute_unit"])] or \
+        list(dict.fromkeys(table["compute_unit"]))
+    width = 0.8 / max(len(units), 1)
+    x = np.arange(len(layers))
+    for i, cu in enumerate(units):
+        rows = table[table.compute_unit == cu].drop_duplicates("op").set_index("op").reindex(layers)
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, rows.local_rel_err, width * 0.9, color=_color(cu), label=f"{cu}: added here (local)")
+        plain = rows.uncompressed_local_rel_err.to_numpy(float) if "uncompressed_local_rel_err" in rows else pos * np.nan
+        has = np.isfinite(plain) & (plain > 0)
+        ax.scatter(pos[has], plain[has], marker="_", color="black", s=120, zorder=3,
+                   label="same op, weights uncompressed" if i == 0 else None)
+        up = rows.upstream_rel_err.to_numpy(float)
+        shown = up > 0  # nothing arrives at the first layer: no marker on a log axis
+        ax.scatter(pos[shown], up[shown], marker="v", color="black", s=18, zorder=3,
+                   label="arrives from upstream" if i == 0 else None)
+    ax.axhline(tolerance, color="#7f7f7f", ls="--", lw=1, label=f"tolerance {tolerance:g}")
+    ax.set_yscale("log")
+    columns = [c for c in ("local_rel_err", "upstream_rel_err", "uncompressed_local_rel_err") if c in table]
+    values = np.concatenate([table[c].to_numpy(float) for c in columns] + [[tolerance]])
+    values = values[np.isfinite(values) & (values > 0)]
+    ax.set_ylim(values.min() / 3, values.max() * 3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("relative error")
+    kinds = ", ".join(dict.fromkeys(table["compression"]))
+    ax.set_title(f"What each layer's compressed weights add ({kinds})", fontsize=9)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside lower center", ncol=3)
+    snr = table.drop_duplicates("op").set_index("op").reindex(layers)
+    ax_snr.barh(names, snr.weight_snr_db.fillna(0), color="#7f7f7f")
+    ax_snr.invert_yaxis()
+    ax_snr.set_xlabel("weight SNR (dB, higher is closer)")
+    ax_snr.set_title("Weight error alone", fontsize=9)
+    return fig
+
+
 def step_errors(report, compute_unit: str | None = None, metric: str = "rel_err", floor: float = 1e-9) -> Figure:
     """A step x layer heatmap of ``metric`` for one compute unit (default: the one that goes wrong first),
     layers in program order, with the first bad step marked."""

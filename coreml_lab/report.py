@@ -14,7 +14,9 @@ Column reference (stable; notebooks and users rely on them):
     its storage dtype), torch_rel_err (FP32 program vs torch at module outputs: translation
     error), inputs (input var names), reference (matched FP32-program var, None if none),
     int_mismatch_frac (integer outputs such as top-k indices: fraction that differs from the
-    reference), int_mismatch_onset (they start to differ here while integer inputs agree).
+    reference), int_mismatch_onset (they start to differ here while integer inputs agree),
+    compression (the compression of the weights the op reads, e.g. "palettize 4-bit per_tensor";
+    "" for an op reading none).
 ``outputs`` - one row per (compute unit, model output): compute_unit, runtime, output, shape,
     the metrics of :mod:`coreml_lab.metrics` against torch FP32 (max_abs_err, mean_abs_err,
     rel_err, snr_db, psnr_db, cosine, nonfinite_frac, top1_agree, elements) and against the
@@ -30,6 +32,12 @@ Column reference (stable; notebooks and users rely on them):
     "onnxruntime" vs FP64 (ONNX sources).
 ``first_nonfinite`` - per compute unit, the first op (program order) whose output has inf/NaN.
 ``divergence`` - per pair of compute units and op output: max_abs_diff, rel_diff, nonfinite_frac.
+``compression`` - one row per (compute unit, compressed weight) of a compressed conversion (empty
+    otherwise): compute_unit, op (the consuming op), op_type, module, weight, compression (in
+    words), mode, nbits, granularity, block, sparsity, weight_snr_db, weight_max_abs_err (against
+    the uncompressed weight), local_rel_err (the consuming op alone, its compressed weights
+    included), upstream_rel_err (the error arriving at its other inputs), rel_err, index
+    (see :mod:`coreml_lab.compression_report`).
 ``steps`` - a multi-step diagnosis (``diagnose(..., steps=[...])``), one row per (step,
     compute unit, name): step (0-based), compute_unit, name (model output, Core ML state, or
     torch module path of a layer; "(model)" = ops of the model itself), kind ("output" |
@@ -64,7 +72,7 @@ class Report:
                      "device", "shape", "max_abs", "max_abs_err", "mean_abs_err", "rel_err", "snr_db", "psnr_db",
                      "cosine", "nonfinite_frac", "nonfinite_onset", "local_max_abs_err", "local_rel_err",
                      "local_snr_db", "torch_rel_err", "inputs", "reference", "int_mismatch_frac",
-                     "int_mismatch_onset"]
+                     "int_mismatch_onset", "compression"]
     OUTPUT_COLUMNS = ["compute_unit", "runtime", "output", "shape", "max_abs_err", "mean_abs_err", "rel_err",
                       "snr_db", "psnr_db", "cosine", "nonfinite_frac", "top1_agree", "elements",
                       "golden_max_abs_err", "golden_rel_err"]
@@ -101,6 +109,11 @@ class Report:
     runs: dict = field(default_factory=lambda: {"inputs": [], "outputs": {}, "torch": []}, repr=False)
     #: where the run happened (OS, versions, runtime); "measured" is True for Core ML runs
     environment: dict = field(default_factory=dict)
+    #: per compressed weight: its weight error and what its layer loses (empty without compression)
+    compression: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: what the errors are measured against: "framework" (the source model and its FP32 conversion) or
+    #: "package program (exact FP32)" (an existing package on its own: no framework reference exists)
+    reference: str = "framework"
     #: per decoding step (``diagnose(steps=...)``), see the module docstring
     steps: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=Report.STEP_COLUMNS))
 
@@ -250,11 +263,12 @@ class Report:
         already differs from torch there (translation error); values flush to zero in FP16;
         the op alone loses more than ``tolerance`` relative (local error); the error grows
         here more than 10x over its inputs' error. An op with a large accumulated but small
-        local error is not blamed. Columns: compute_unit, op, op_type, module, reason, score,
-        index, output, rel_err, local_rel_err, nonfinite_frac. The rules, their scores and
-        thresholds are the table :data:`.culprits.RULES`.
+        local error is not blamed; an op reading compressed weights whose local error exceeds
+        ``tolerance`` is blamed with the compression mode and weight SNR in the reason.
+        Columns: compute_unit, op, op_type, module, reason, score, index, output, rel_err,
+        local_rel_err, nonfinite_frac. The rules, their scores and thresholds are the table :data:`.culprits.RULES`.
         """
-        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance)
+        return culprit_rules.culprits(self.layers, self.fp16_range, n, tolerance, compression=self.compression)
 
     # ---------------------------------------------------------------- verdict
     def summary(self, tolerance: float = 1e-2) -> str:
@@ -262,6 +276,9 @@ class Report:
         opts = self.options
         head = (f"coreml_lab diagnosis ({self.runtime}; {opts.precision if opts else '?'}, target "
                 f"{opts.target if opts else '?'}; {self.n_inputs} input(s))")
+        if self.reference != "framework":
+            head = (f"coreml_lab diagnosis ({self.runtime}; an existing package against its own program in exact "
+                    f"FP32, no framework reference; {self.n_inputs} input(s))")
         if not self.ok:
             lines = [head, f"Conversion FAILED: {self.error.splitlines()[0][:300]}"]
             if self.error_explanation is not None:
@@ -274,7 +291,7 @@ class Report:
             if not len(rows):
                 continue
             worst = rows.sort_values("rel_err", ascending=False).iloc[0]
-            verdict = _verdict(worst, tolerance)
+            verdict = _verdict(worst, tolerance, "PyTorch" if self.reference == "framework" else "its exact FP32 run")
             agree = rows["top1_agree"].dropna()
             top1 = f", top-1 agreement {agree.min():.0%}" if len(agree) else ""
             lines.append(f"- {cu}: {verdict} (max abs err {fmt(worst.max_abs_err)}, mean {fmt(worst.mean_abs_err)}, "
@@ -317,7 +334,11 @@ class Report:
         differ = any(r.rel_err > tolerance or (r.top1_agree == r.top1_agree and r.top1_agree < 1) for r in others)
         cpu_ok = cpu is not None and cpu.nonfinite_frac == 0 and cpu.rel_err <= tolerance and \
             not (cpu.top1_agree == cpu.top1_agree and cpu.top1_agree < 1)
-        if (broken or differ) and self.options is not None and self.options.precision != "fp32":
+        if (broken or differ) and getattr(self.options, "compression", None) is not None and len(culprits) \
+                and culprits["reason"].str.contains("compressed weights").any():
+            hints.append("Try: cl.find_uncompressed_ops(model, example_inputs, options) to leave the costliest "
+                         "compressed layers uncompressed (or at more bits), verified.")
+        elif (broken or differ) and self.options is not None and self.options.precision != "fp32":
             ops = sorted({c.op_type for c in culprits.itertuples()}) if len(culprits) else []
             keep = f" or keep {ops} in FP32 (precision='mixed', fp32_ops={tuple(ops)!r})" if ops else ""
             hints.append(f"Try: precision='fp32'{keep}.")
@@ -356,6 +377,10 @@ class Report:
     def plot_compute_unit_divergence(self, **kw):
         return _plots().compute_unit_divergence(self, **kw)
 
+    def plot_compression(self, **kw):
+        """Per compressed layer: its local error beside what arrives from upstream, and its weight SNR."""
+        return _plots().compression(self, **kw)
+
     def plot_step_errors(self, compute_unit: str | None = None, metric: str = "rel_err", **kw):
         """A step x layer heatmap of ``metric`` (``diagnose(steps=...)``)."""
         return _plots().step_errors(self, compute_unit, metric, **kw)
@@ -375,7 +400,7 @@ def _plots():
     return plots
 
 
-def _verdict(row, tolerance: float) -> str:
+def _verdict(row, tolerance: float, reference: str = "PyTorch") -> str:
     if row.nonfinite_frac and row.nonfinite_frac > 0:
         return f"BROKEN: {pct(row.nonfinite_frac)} of output values are inf/NaN"
     why = degenerate_reference(row.max_abs_err, row.rel_err)
@@ -385,7 +410,7 @@ def _verdict(row, tolerance: float) -> str:
         return "DIFFERENT: the top-1 class changes"
     if row.rel_err > tolerance:
         return "DIFFERENT beyond tolerance"
-    return "close to PyTorch"
+    return f"close to {reference}"
 
 
 def load_report(path) -> Report:

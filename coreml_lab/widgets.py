@@ -1,12 +1,13 @@
 """ipywidgets panels: pick conversion options, convert and diagnose, read the dashboard.
 
 ``lab(...)`` returns a :class:`Lab`: an options panel (model, precision incl. mixed with the
-op types to keep in FP32, deployment target, convert_to, compute units, runtime) with a
-"Convert and diagnose" button, and a dashboard with tabs - Summary, Per-layer error,
-Histograms, FP16 range, Compute units, Messages, Fixes, Steps. Stateful models (the samples in
-``sample_models.STATEFUL``, or a model with Core ML states) get a "Steps" control: the diagnosis
-then runs that many decoding steps, and the Steps tab shows the step x layer heatmap, the state
-errors and the first bad step. Errors raised while converting or
+op types to keep in FP32, deployment target, convert_to, compute units, runtime, weight
+compression, and a path to an existing ``.mlpackage`` to diagnose instead, on its own or against
+the chosen model) with a "Convert and diagnose" button, and a dashboard with tabs - Summary,
+Per-layer error, Histograms, FP16 range, Compute units, Compression, Messages, Fixes, Steps.
+Stateful models (the samples in ``sample_models.STATEFUL``, or a model with Core ML states) get a
+"Steps" control: the diagnosis then runs that many decoding steps, and the Steps tab shows the
+step x layer heatmap, the state errors and the first bad step. Errors raised while converting or
 running are shown in the panel (with their explanation where one is known), never swallowed.
 Everything the button does is also callable (``Lab.run()``), so a notebook renders its
 results without a click.
@@ -23,6 +24,7 @@ from IPython.display import display
 
 import sample_models
 
+from .compression import SPEC_FORMS
 from .convert import convert
 from .diagnosis import DEFAULT_COMPUTE_UNITS, diagnose
 from .emulator.profiles import DEFAULT_NE_GENERATION, NE_GENERATIONS, ne_profile
@@ -30,7 +32,10 @@ from .options import COMPUTE_UNITS, TARGETS, ConversionOptions
 from .states import MIN_TARGET, target_has_states
 
 YOUR_MODEL = "(your model)"
-TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Messages", "Fixes")
+YOUR_CONFIG = "(your config)"
+NO_COMPRESSION = "none"
+TABS = ("Summary", "Per-layer error", "Histograms", "FP16 range", "Compute units", "Compression", "Messages",
+        "Fixes")
 STEPS_TAB = "Steps"
 DEFAULT_STEPS = 12
 
@@ -63,7 +68,7 @@ class Lab:
     """Options panel + dashboard. ``widget`` is the whole UI; ``report`` the last diagnosis."""
 
     def __init__(self, model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
-                 steps: list | None = None):
+                 package: str = "", steps: list | None = None):
         self.user_model, self.user_inputs = model, example_inputs
         opts = options or ConversionOptions()
         choices = ([YOUR_MODEL] if model is not None else []) + list(sample_models.SAMPLES) + list(STATEFUL_CHOICES)
@@ -80,6 +85,19 @@ class Lab:
         self.compute_units = W.SelectMultiple(options=[u for u in units if u in COMPUTE_UNITS],
                                               value=list(DEFAULT_COMPUTE_UNITS), description="Units", rows=4)
         self.runtime = W.Dropdown(options=["auto", "emulator", "coreml"], value="auto", description="Runtime")
+        # weight compression after conversion (ConversionOptions(compression=...)): the short specs,
+        # or the OptimizationConfig the panel was opened with
+        self._own_compression = opts.compression if opts.compression is not None and \
+            opts.compression.spec not in SPEC_FORMS else None
+        compressions = [NO_COMPRESSION, *SPEC_FORMS] + ([YOUR_CONFIG] if self._own_compression is not None else [])
+        current = NO_COMPRESSION if opts.compression is None else (
+            YOUR_CONFIG if self._own_compression is not None else opts.compression.spec)
+        self.compression = W.Dropdown(options=compressions, value=current, description="Compression")
+        #: an existing .mlpackage to diagnose (its own program in exact FP32 is the reference) ...
+        self.package = W.Text(value=str(package or ""), placeholder="path/to/model.mlpackage (optional)",
+                              description="Package", layout=W.Layout(width="420px"))
+        #: ... or against the chosen model, the one it came from
+        self.with_source = W.Checkbox(value=False, description="against the chosen model", indent=False)
         # the Neural Engine generation the emulated CPU_AND_NE / ALL model (profiles.NE_GENERATIONS)
         self.ne_chip = W.Dropdown(
             options=[(f"{g.name}: {g.chips}" + (" (default)" if g.name == DEFAULT_NE_GENERATION else ""), g.name)
@@ -96,6 +114,7 @@ class Lab:
         self._build_steps(steps)
         self.report = None
         self.fix = None
+        self.compression_fix = None
         self.button.on_click(lambda _: self.run())
         self.model_choice.observe(lambda _: self._refresh_op_types(), names="value")
         self.precision.observe(lambda _: self._sync_mixed(), names="value")
@@ -106,7 +125,9 @@ class Lab:
         options_box = W.VBox([
             W.HBox([self.model_choice, self.target, self.convert_to]),
             W.HBox([self.precision, self.runtime, self.ne_chip]),
+            W.HBox([self.compression]),
             W.HBox([self.compute_units, self.fp32_ops]),
+            W.HBox([self.package, self.with_source]),
             self.steps,
             W.HBox([self.button, self.status]),
         ])
@@ -150,9 +171,11 @@ class Lab:
 
     def options(self) -> ConversionOptions:
         mixed = self.precision.value == "mixed"
+        compression = {NO_COMPRESSION: None, YOUR_CONFIG: self._own_compression}.get(self.compression.value,
+                                                                                   self.compression.value)
         return ConversionOptions(precision=self.precision.value, fp32_ops=tuple(self.fp32_ops.value) if mixed else (),
                                  target=self.target.value, convert_to=self.convert_to.value,
-                                 compute_units="ALL")
+                                 compute_units="ALL", compression=compression)
 
     # ------------------------------------------------------------------ actions
     def run(self):
@@ -166,9 +189,17 @@ class Lab:
             if model is None:
                 raise ValueError("no model: pass model= and example_inputs= to lab(), or pick a sample")
             units = self.selected_units()
+            package = self.package.value.strip()
             with self.progress:
-                report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value,
-                                  steps=self.step_feeds())
+                feeds = self.step_feeds()  # None unless the model is stateful
+                steps = {} if feeds is None else {"steps": feeds}
+                if package and self.with_source.value:  # the package against the model it came from
+                    report = diagnose(model, inputs, compute_units=units, runtime=self.runtime.value, mlmodel=package)
+                elif package:  # the package on its own, fed the chosen model's example inputs
+                    report = diagnose(package, inputs, compute_units=units, runtime=self.runtime.value, **steps)
+                else:
+                    report = diagnose(model, inputs, self.options(), compute_units=units, runtime=self.runtime.value,
+                                      **steps)
             self.report = report
             self._fill(report)
             self._fill_steps(report)
@@ -201,6 +232,28 @@ class Lab:
                            f"<pre>{html.escape(self.fix.snippet)}</pre>"))
         return self.fix
 
+    def find_uncompressed(self, tolerance: float = 2e-2, time_budget: float = 120.0):
+        """Search the compressed layers to leave uncompressed (verified), show it in the Compression tab."""
+        from .compression_fix import find_uncompressed_ops
+
+        out = self.tabs.children[TABS.index("Compression")]
+        try:
+            model, inputs = self._model()
+            with self.progress:
+                self.compression_fix = find_uncompressed_ops(model, inputs, self.options(), tolerance=tolerance,
+                                                             time_budget=time_budget)
+        except Exception as exc:
+            self.error.value = _error_html(exc)
+            raise
+        finally:
+            self.progress.clear_output()
+        fix = self.compression_fix
+        with out:
+            display(W.HTML(f"<p><b>{html.escape(fix.message)}</b></p>"))
+            display(fix.plot_sensitivity())
+            display(W.HTML(f"<pre>{html.escape(fix.snippet)}</pre>"))
+        return fix
+
     # ------------------------------------------------------------------ dashboard
     def _fill(self, report) -> None:
         import matplotlib
@@ -224,6 +277,8 @@ class Lab:
                     display(report.plot_fp16_range())
                 with outs["Compute units"]:
                     display(report.plot_compute_unit_divergence())
+                with outs["Compression"]:
+                    self._fill_compression(report)
         with outs["Messages"]:
             rows = [f"<li><code>{html.escape(m.text[:300])}</code>"
                     + (f"<br/><b>{html.escape(m.explanation.title)}</b>: {html.escape(m.explanation.fix)}"
@@ -240,6 +295,19 @@ class Lab:
             button.on_click(lambda _: self.find_fix())
             display(button)
 
+
+    def _fill_compression(self, report) -> None:
+        table = report.compression
+        if table is None or not len(table):
+            display(W.HTML("<i>no compressed weights: pick a compression in the panel</i>"))
+            return
+        display(report.plot_compression())
+        display(table[["compute_unit", "op", "module", "compression", "weight_snr_db", "weight_max_abs_err",
+                       "local_rel_err", "upstream_rel_err", "rel_err"]])
+        button = W.Button(description="Find layers to leave uncompressed (verified)", icon="wrench",
+                          layout=W.Layout(width="340px"))
+        button.on_click(lambda _: self.find_uncompressed())
+        display(button)
 
     # ------------------------------------------------------------------ steps (stateful models)
     def _build_steps(self, steps: list | None) -> None:
@@ -314,10 +382,11 @@ class _ReportError(Exception):
 
 
 def lab(model=None, example_inputs=None, sample: str = "healthy", options: ConversionOptions | None = None,
-        steps: list | None = None) -> Lab:
-    """The interactive panel and dashboard; display it in a notebook cell. ``steps``: input dicts, one per decoding
+        package: str = "", steps: list | None = None) -> Lab:
+    """The interactive panel and dashboard; display it in a notebook cell. ``package``: a path to an
+    existing ``.mlpackage`` to diagnose (the panel's Package field). ``steps``: input dicts, one per decoding
     step, for your stateful model (the Steps control picks how many)."""
-    return Lab(model, example_inputs, sample, options, steps)
+    return Lab(model, example_inputs, sample, options, package, steps)
 
 
 __all__ = ["lab", "Lab"]

@@ -100,9 +100,9 @@ LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
     "workflows": ["targets", "compression_fix", "fixes", "lint"],
     "diagnosis": ["diagnosis"],
-    "diagnosis parts": ["local_error", "statistics", "pairing", "report"],
-    "conversion, runs, report parts": ["convert", "mapping", "sources", "states", "runtime", "reference", "fp16", "culprits",
-                                       "bundle", "plots", "htmlreport"],
+    "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
+    "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
+                                       "fp16", "culprits", "bundle", "plots", "htmlreport"],
     "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
                     "traceable", "torch_ops", "compression", "compressed_weights"],
 }

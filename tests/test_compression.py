@@ -8,6 +8,7 @@ import warnings
 import coremltools as ct
 import coremltools.optimize.coreml as cto
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -217,3 +218,92 @@ def test_spent_budget_says_so_and_measures_nothing_it_did_not(sample):
                                    tolerance=0.02, time_budget=0, progress=False)
     assert not fix.found and "budget" in fix.message and fix.ops == ()
     assert fix.sensitivity.error_alone.isna().all() and fix.error_before > 0.02
+
+
+# ----------------------------------------------------------------------------- diagnosis of compressed conversions
+
+@pytest.mark.parametrize("spec,target", [("palettize4", "iOS18"), ("int8-per-tensor", "iOS18")])
+def test_diagnosis_blames_the_outlier_layers_compression(sample, spec, target):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(precision="fp16", target=target, compression=spec),
+                         progress=False)
+    table = report.compression
+    assert len(table) == 4 * len(UNITS) and set(table.compute_unit) == set(UNITS)
+    cpu = table[table.compute_unit == "CPU_ONLY"].set_index("module")
+    assert list(cpu.index) == [f"blocks.{i}" for i in range(4)]
+    # weights compared with the uncompressed FP32 reference's: finite SNR, positive error
+    assert cpu.weight_snr_db.between(5, 60).all() and (cpu.weight_max_abs_err > 0).all()
+    # every compressed layer's local error is measured (the decompressed weight enters the re-run)
+    assert cpu.local_rel_err.notna().all() and (cpu.local_rel_err > 1e-3).all()
+    assert cpu.local_rel_err.idxmax() == sample_models.compression_outlier.OUTLIER_LAYER
+    # compression error separated from precision error: the same ops re-run with their original weights
+    assert (table.uncompressed_local_rel_err < 2e-3).all() and (table.local_rel_err > 3 * table.uncompressed_local_rel_err).all()
+    assert cpu.loc["blocks.0", "upstream_rel_err"] < 1e-3 < cpu.loc["blocks.3", "upstream_rel_err"]
+    # the layer rows of compressed ops carry the mode; the others do not
+    layers = report.layers[report.layers.compute_unit == "CPU_ONLY"]
+    marked = layers[layers.compression != ""]
+    assert set(marked.module) == set(cpu.index) and set(marked.op_type) == {"linear"}
+    mode = "palettize 4-bit" if spec == "palettize4" else "quantize 8-bit per_tensor"
+    assert all(mode in c for c in marked.compression)
+    top = report.culprits(3).iloc[0]
+    assert top.module == sample_models.compression_outlier.OUTLIER_LAYER
+    assert top.reason.startswith(f"compressed weights: {mode}") and "weight SNR" in top.reason
+    assert "with its weights uncompressed" in top.reason
+    assert "find_uncompressed_ops" in report.summary()
+    fig = report.plot_compression()  # a bar per (layer, unit) of local error, a weight-SNR bar per layer
+    assert len(fig.axes[0].patches) == 4 * len(UNITS) and len(fig.axes[1].patches) == 4
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == list(cpu.index)
+
+
+def test_uncompressed_diagnosis_has_an_empty_compression_table(sample):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(precision="fp16", target="iOS18"), progress=False,
+                         compute_units=("CPU_ONLY",))
+    assert report.compression.empty and (report.layers.compression == "").all()
+    assert not report.culprits()["reason"].str.contains("compressed weights").any()
+    assert "no compressed weights" in report.plot_compression().axes[0].texts[0].get_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,target,mode,op_type", MODES)
+def test_every_mode_end_to_end_diagnose_culprits_sensitivity_verified_fix(sample, spec, target, mode, op_type):
+    """compress -> diagnose -> culprits -> sensitivity -> fix -> the fix diagnosed again."""
+    model, x, _ = sample
+    units, tolerance = ("CPU_ONLY", "CPU_AND_NE"), 0.05
+    opts = cl.ConversionOptions(precision="fp16", target=target, compression=spec)
+    report = cl.diagnose(model, x, opts, compute_units=units, progress=False)
+    table = report.compression[report.compression.compute_unit == "CPU_AND_NE"].set_index("module")
+    assert len(table) == 4 and set(table["mode"]) == {mode} and op_type in report.layers.op_type.values
+    assert table.weight_snr_db.notna().all() and table.local_rel_err.notna().all()
+    culprits = report.culprits(4)
+    assert culprits.reason.iloc[0].startswith(f"compressed weights: {mode}")
+    outlier = sample_models.compression_outlier.OUTLIER_LAYER
+    others = table.local_rel_err.drop(outlier).median()
+    if "prune" in mode:  # magnitude pruning keeps the outlier channel: blocks.2 is no worse than the rest
+        assert table.local_rel_err[outlier] < 2 * others
+    else:
+        assert culprits.module.iloc[0] == outlier and table.local_rel_err[outlier] > 2 * others
+    fix = cl.find_uncompressed_ops(model, x, opts, tolerance=tolerance, compute_units=units, progress=False,
+                                   time_budget=120)
+    assert fix.found, fix.message
+    assert len(fix.sensitivity) == 4 and fix.sensitivity.error_alone.notna().all()
+    fixed = cl.diagnose(model, x, opts.replace(compression=fix.config), compute_units=units, progress=False)
+    assert fixed.outputs.rel_err.max() <= tolerance < report.outputs.rel_err.max()
+    assert set(fixed.compression.op).isdisjoint(fix.ops)
+
+
+def test_a_saved_compressed_diagnosis_keeps_its_compression_table_and_culprits(sample, tmp_path):
+    model, x, _ = sample
+    report = cl.diagnose(model, x, cl.ConversionOptions(target="iOS18", compression="int8-per-tensor"),
+                         compute_units=("CPU_ONLY",), progress=False)
+    back = cl.load_report(report.save(tmp_path / "run.zip"))
+    pd_cols = ["op", "module", "compression", "weight_snr_db", "local_rel_err"]
+    pd.testing.assert_frame_equal(back.compression[pd_cols].reset_index(drop=True),
+                                  report.compression[pd_cols].reset_index(drop=True), check_dtype=False)
+    assert back.options.compression == report.options.compression
+    assert list(back.culprits(3).reason) == list(report.culprits(3).reason)
+    assert back.culprits(1).reason.iloc[0].startswith("compressed weights: quantize 8-bit per_tensor")
+    page = back.to_html()  # the shared page shows them too
+    assert "<h2>Compressed weights</h2>" in page and "quantize 8-bit per_tensor" in page
+    assert "<h2>Compressed weights</h2>" not in cl.diagnose(model, x, compute_units=("CPU_ONLY",),
+                                                             progress=False).to_html()

@@ -42,7 +42,8 @@ def applies(name, row, ctx=None) -> list:
 
 def test_the_table_names_each_rule_once_in_the_documented_bands():
     assert [r.name for r in RULES] == ["nonfinite_onset", "fp16_overflow_onset", "integer_flip", "translation_error",
-                                       "flush_to_zero", "constant_out_of_range", "local_error", "error_growth"]
+                                       "flush_to_zero", "constant_out_of_range", "compressed_weights", "local_error",
+                                       "error_growth"]
 
 
 def test_nonfinite_onset():
@@ -91,6 +92,31 @@ def test_constant_out_of_range_one_blame_per_constant():
     assert [s for s, _ in found] == [650, 650]
     assert "w_tiny (|x| = 1e-09) flushes to zero" in found[0][1] and "w_huge (|x| = 1e+06) overflows" in found[1][1]
     assert applies("constant_out_of_range", layer(local_rel_err=1e-4), ctx) == []
+
+
+def test_compressed_weights_names_the_mode_and_ranks_by_local_error():
+    from coreml_lab.compression_report import COLUMNS
+
+    Weight = namedtuple("Weight", COLUMNS)
+    w = Weight(**{**dict.fromkeys(COLUMNS, math.nan), "op": "op_1", "weight": "w_palettized",
+                  "compression": "palettize 4-bit per_tensor", "mode": "palettize", "nbits": 4,
+                  "weight_snr_db": 18.2})
+    ctx = Context(TOL, {}, {}, {("CPU_AND_NE", "x"): 0.03}, {"op_1": [w]})
+    [(score, reason)] = RULE["compressed_weights"].apply(layer(op_type="linear", inputs="x", local_rel_err=0.12), ctx)
+    assert reason == ("compressed weights: palettize 4-bit per_tensor, weight SNR 18 dB, local error 0.12 "
+                      "(rel err 0.03 arrives from upstream)")
+    assert score == pytest.approx(500 + 10 * math.log10(12))
+    # with the precision's share measured (the op re-run with its original weights) the reason says it
+    measured = RULE["compressed_weights"].apply(layer(op_type="linear", inputs="x", local_rel_err=0.12), Context(
+        TOL, {}, {}, {("CPU_AND_NE", "x"): 0.03}, {"op_1": [w._replace(uncompressed_local_rel_err=0.0004)]}))
+    assert "local error 0.12 (0.0004 with its weights uncompressed; rel err 0.03 arrives" in measured[0][1]
+    [(worse, _)] = RULE["compressed_weights"].apply(layer(op_type="linear", local_rel_err=0.5), ctx)
+    assert worse > score  # the layer whose compression costs more ranks first
+    assert 500 < score < worse <= 590  # its band: below flush_to_zero, above local_error
+    # not without compressed weights, nor within tolerance
+    assert RULE["compressed_weights"].apply(layer(op="op_2", local_rel_err=0.5), ctx) == []
+    assert RULE["compressed_weights"].apply(layer(local_rel_err=0.005), ctx) == []
+    assert RULE["compressed_weights"].apply(layer(local_rel_err=0.5), context()) == []
 
 
 def test_local_error_is_capped():

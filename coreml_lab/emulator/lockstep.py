@@ -9,8 +9,8 @@ A diagnosis runs the same program for every compute unit, and re-runs each op on
 reference inputs. Much of that work is the same computation twice: the GPU and the
 Neural Engine profiles both hold values in FP16, so an elementwise op (add, relu,
 reshape ...) fed the same FP16 tensors gives the same tensor on both (convolutions and
-matmuls differ: the Neural Engine adds the bias in FP16 and saturates at 2^15). :func:`numeric_signature` says what a step's result depends on
-besides its input values; steps with equal signatures and the very same input
+matmuls differ: the Neural Engine adds the bias in FP16 and saturates at 2^15). :func:`numeric_signature` says what a step's result
+depends on besides its input values; steps with equal signatures and the very same input
 tensors are computed once and the result handed to each unit. Sharing is exact:
 a shared value is bit for bit what each unit would have computed itself (the
 tests run diagnoses with and without sharing and compare every number).

@@ -95,6 +95,11 @@ def _input_specs(spec) -> list[InputSpec]:
     return out
 
 
+def input_specs(mlmodel) -> list[InputSpec]:
+    """What each (non-state) input of ``mlmodel`` accepts, from its description."""
+    return [s for s in _input_specs(mlmodel.get_spec()) if s.kind != "state"]
+
+
 class EmulatedState:
     """State buffers of a stateful (iOS18) model, like ``MLModel.make_state()``.
 

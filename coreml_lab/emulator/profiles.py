@@ -612,9 +612,25 @@ def describe(profile: DeviceProfile) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- the exact reference
+
+#: The exact FP32 reference a diagnosis measures every compute unit against: every op in FP32
+#: (FP16-typed tensors held and computed in FP32, FP16 weights widened exactly, a cast to FP16 does
+#: not round). Named on its own so that no change to the CPU_ONLY profile (a calibrated CPU with
+#: FP16 kernels, say) changes the reference. Weight decompression (``constexpr_*``) gives the
+#: weights the package declares, as every device materialises them, widened exactly.
+EXACT_FP32 = DeviceProfile(
+    "EXACT_FP32",
+    (Device(name="FP32", fp16={"default": FP32_EXACT},
+            notes=("not a device: the exact FP32 reference every compute unit is measured against",)),),
+    "exact FP32 reference: every FP16 tensor and weight widened",
+)
+
+
 __all__ = [
     "Precision", "Device", "DeviceProfile", "PROFILES", "FAMILIES", "HAZARDS", "NE_RULES", "CPU", "GPU", "NE",
     "get_profile", "strict_fp16_cpu", "gpu_fp16_accumulation", "ne_fp16_accumulation", "describe", "profile_label",
     "Fact", "FACTS", "SOURCES", "ACTIVATION_ERROR", "NE_GENERATIONS", "DEFAULT_NE_GENERATION", "ne_profile",
     "ne_generation", "facts_for", "provenance",
+    "EXACT_FP32",
 ]
