@@ -80,6 +80,13 @@ class LocalErrors:
             env = self._inputs(cu, in_names, refs, rounded)
             if env is None:
                 continue
+            odd = _shape_mismatch(cstep.op, env)
+            if odd:
+                self.stats.notes.add(
+                    f"local error of {cstep.op.op_type} {cstep.op.name!r} on {cu} not measured (its local_* columns "
+                    f"are empty): its input {odd[0]!r} (shape {odd[1]}) pairs with a reference value of shape {odd[2]}, "
+                    "so the op cannot run alone on reference inputs; its accumulated error is measured as usual")
+                continue
             twin = same.get(cu)
             if twin is not None and all(env[n] is refs.get(self.ref_of.get(n)) for n in in_names):
                 outs = [refs.get(name) for name, _, _ in twin.outputs]
@@ -147,3 +154,18 @@ class LocalErrors:
                     return None
             env[name] = r
         return env
+
+
+def _shape_mismatch(op, env: dict) -> tuple | None:
+    """(input name, declared shape, reference shape) of the first input whose statically declared
+    shape differs from the reference value it is paired with; None when all agree."""
+    for var in op.inputs.values():
+        for v in (var if isinstance(var, (list, tuple)) else (var,)):
+            value = env.get(v.name)
+            shape = getattr(v, "shape", None)
+            if not isinstance(value, torch.Tensor) or shape is None or not all(isinstance(d, int) for d in shape):
+                continue
+            if tuple(shape) != tuple(value.shape) and value.numel() != 1:
+                return v.name, tuple(shape), tuple(value.shape)
+    return None
+
