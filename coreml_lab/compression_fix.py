@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 
 from .compressed_weights import describe
 from .compression import Compression, more_bits_config, op_config_fields
-from .convert import Conversion, convert, prepare
+from .convert import Conversion, convert
 from .emulator.program import mil_program
-from .feeds import dataset
-from .fixes import measure
+from .fixes import measure, prepared_reference
 from .options import ConversionOptions, as_options
-from .reference import reference_outputs
 
 CHECK_UNITS = ("CPU_ONLY", "CPU_AND_NE")
 
@@ -223,12 +221,7 @@ def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions
     if compute_units is None:
         compute_units = CHECK_UNITS if opts.compute_units == "ALL" else (opts.compute_units,)
     compute_units = tuple(compute_units)
-    prep = prepare(model, example_inputs)
-    if prep.source.reference is None:
-        raise ValueError("find_uncompressed_ops needs the source model (a torch module, TorchScript, exported "
-                         "program or ONNX file), not a loaded .mlpackage")
-    feeds = dataset(inputs, prep.inputs)
-    want = reference_outputs(prep.source.reference, prep.inputs, feeds)
+    prep, feeds, want = prepared_reference(model, example_inputs, inputs, "find_uncompressed_ops")
     compressed = convert(None, options=opts, prepared=prep)
     plain = convert(None, options=opts.replace(compression=None), prepared=prep)
     table = describe(compressed, plain)

@@ -8,7 +8,7 @@ import coremltools as ct
 import numpy as np
 import torch
 
-from .emulator.profiles import SOURCES, provenance
+from .emulator.device_facts import SOURCES, provenance
 
 #: where every device fact the profiles encode is listed with its source and chips
 FACTS_DOC = "docs/device_profiles.md"
@@ -19,7 +19,7 @@ def environment(runtime: str, profiles: dict | None = None) -> dict:
 
     ``profiles`` (label -> DeviceProfile) adds ``"compute_units"``: for each emulated unit the
     profile and variant that modelled it, with the facts it encodes and their sources
-    (:func:`.emulator.profiles.provenance`; plain JSON, so bundles keep it). Core ML runs
+    (:func:`.emulator.device_facts.provenance`; plain JSON, so bundles keep it). Core ML runs
     (``runtime="coreml"``) are the device itself and carry no profile.
     """
     mac = platform.mac_ver()[0]

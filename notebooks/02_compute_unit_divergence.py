@@ -49,7 +49,7 @@ pd.DataFrame(profiles.describe(profiles.get_profile("ALL")))
 
 # %% [markdown]
 # `CPU_AND_NE` models the A15-and-later generation (every Mac since M2); `ne_profile("M1")` models
-# M1/A14. Every device fact and its source: `profiles.FACTS` and docs/device_profiles.md.
+# M1/A14. Every device fact and its source: `device_facts.FACTS` and docs/device_profiles.md.
 
 # %% [markdown]
 # ## A classifier on a knife's edge

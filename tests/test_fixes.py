@@ -14,6 +14,7 @@ import sample_models
 from coreml_lab import fixes
 from coreml_lab.convert import convert, prepare
 from coreml_lab.fp16 import FP16_MAX, RangeStats
+from coreml_lab.fp32_regions import SelectorOp, fp32_regions
 from coreml_lab.metrics import degenerate_reference
 
 TOL = 1e-2
@@ -115,7 +116,7 @@ def test_a_set_that_does_not_verify_is_never_reported_as_a_fix():
 
 
 def _ops(*specs):
-    return [fixes.SelectorOp(name, "op", i, tuple(ins), tuple(consts), tuple(outs))
+    return [SelectorOp(name, "op", i, tuple(ins), tuple(consts), tuple(outs))
             for i, (name, ins, consts, outs) in enumerate(specs)]
 
 
@@ -134,21 +135,21 @@ def test_regions_grow_forward_until_values_fit_and_backward_to_producers():
                ("g", ["vf"], [], ["vg"]))
     ranges = _ranges(x=3.0, va=10.0, vb=1e6, vc=1e9, vd=20.0, ve=5.0, vf=2.0, vg=1.0)
     # vb, vc overflow: their producers b, c and consumers c, d; d's output fits, so the region ends there
-    assert fixes.fp32_regions(ops, ranges) == [("b", "c", "d")]
+    assert fp32_regions(ops, ranges) == [("b", "c", "d")]
     # an out-of-range constant pulls in its consumer, a region of its own
     consts = {"w": RangeStats()}
     consts["w"].add(np.array([1e5], dtype=np.float32))
-    assert fixes.fp32_regions(ops, ranges, consts) == [("b", "c", "d"), ("f",)]
+    assert fp32_regions(ops, ranges, consts) == [("b", "c", "d"), ("f",)]
     # values mostly below 2^-24 (flushed to zero in FP16) count as out of range too
     tiny = _ranges(x=3.0, va=10.0, vb=1e-9, vc=1e-9, vd=20.0, ve=5.0, vf=2.0, vg=1.0)
-    assert fixes.fp32_regions(ops, tiny) == [("b", "c", "d")]
+    assert fp32_regions(ops, tiny) == [("b", "c", "d")]
     # a value the FP32 program does not show (fused away there) carries the problem on
     hidden = {k: v for k, v in ranges.items() if k != "vd"}
-    assert fixes.fp32_regions(ops, hidden) == [("b", "c", "d", "e")]
-    assert fixes.fp32_regions(ops, _ranges(x=3.0, va=1.0, vb=1.0, vc=1.0, vd=1.0, ve=1.0, vf=1.0, vg=1.0)) == []
+    assert fp32_regions(ops, hidden) == [("b", "c", "d", "e")]
+    assert fp32_regions(ops, _ranges(x=3.0, va=1.0, vb=1.0, vc=1.0, vd=1.0, ve=1.0, vf=1.0, vg=1.0)) == []
     # a model input out of range: every op reading it, one region through the shared input
     big_input = _ranges(x=1e6, va=1.0, vb=1.0, vc=1.0, vd=1.0, ve=1.0, vf=1.0, vg=1.0)
-    assert fixes.fp32_regions(ops, big_input) == [("a", "f")]
+    assert fp32_regions(ops, big_input) == [("a", "f")]
 
 
 class _LoudInput(torch.nn.Module):

@@ -6,6 +6,7 @@ computes FP16-typed ops; :func:`supported_ops` lists the MIL ops it executes.
 Emulated numbers reveal precision risk; they are not bit-exact device output.
 """
 
+from .device_facts import provenance
 from .interpreter import OpExecutionError, OpRecord, UnsupportedOpError
 from .model import EmulatedModel, EmulatedState, EmulatorInputError
 from .profiles import (
@@ -17,7 +18,6 @@ from .profiles import (
                        gpu_fp16_accumulation,
                        ne_fp16_accumulation,
                        ne_profile,
-                       provenance,
                        strict_fp16_cpu,
 )
 from .program import NotAnMLProgramError

@@ -24,7 +24,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .interpreter import Interpreter, Step, _Const
+from .interpreter import Interpreter, Step
+from .opcall import Const
 
 
 def var_input_names(step: Step) -> tuple[str, ...]:
@@ -53,7 +54,7 @@ def numeric_signature(step: Step, env) -> tuple | None:
 
 def _float_inputs_fp16(step: Step, env) -> bool:
     for s in step.sources():
-        if isinstance(s, _Const):
+        if isinstance(s, Const):
             dt = np.asarray(s.value).dtype
             if dt.kind == "f" and dt != np.float16:
                 return False
@@ -109,7 +110,7 @@ def same_computation(step: Step, other: Step, paired: dict) -> bool:
     return True
 
 
-def _same_const(a: _Const, b: _Const, compute: torch.dtype) -> bool:
+def _same_const(a: Const, b: Const, compute: torch.dtype) -> bool:
     va, vb = np.asarray(a.value), np.asarray(b.value)
     if va.shape != vb.shape:
         return False

@@ -3,9 +3,9 @@
 Each test builds its program with coremltools' MIL builder (or converts a one-line torch
 function where the converter's own lowering is the point), converts it at FP16, runs it through
 ``EmulatedModel`` under ``CPU_AND_NE`` (the default A15-and-later generation) or
-``ne_profile("M1")``, and asserts the published value. Sources (see profiles.SOURCES):
+``ne_profile("M1")``, and asserts the published value. Sources (see device_facts.SOURCES):
 AG = ane-guide numerics chapter, AF = ANEForge, HN = hollance/neural-engine, CT#n =
-apple/coremltools issue n. The list of facts and what each test covers is profiles.FACTS.
+apple/coremltools issue n. The list of facts and what each test covers is device_facts.FACTS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from coremltools.converters.mil import Builder as mb
 from opcheck import Fn, convert_mil, convert_torch, feeds, mil_outputs, op_types
 
 from coreml_lab.emulator import EmulatedModel, ne_profile
-from coreml_lab.emulator.profiles import ACTIVATION_ERROR, FACTS, gpu_fp16_accumulation, ne_fp16_accumulation
+from coreml_lab.emulator.device_facts import ACTIVATION_ERROR, FACTS
+from coreml_lab.emulator.profiles import gpu_fp16_accumulation, ne_fp16_accumulation
 
 NE = "CPU_AND_NE"
 M1 = ne_profile("M1")
@@ -385,7 +386,7 @@ def test_minus_1e9_mask_gives_nan_on_gpu_and_no_nan_on_ne():
 
 
 def test_every_encoded_fact_names_a_test_here_or_in_pitfalls():
-    """profiles.FACTS: each fact is reproduced by a named test, or left out with a reason."""
+    """device_facts.FACTS: each fact is reproduced by a named test, or left out with a reason."""
     here = set(globals())
     for fact in FACTS:
         assert fact.test or fact.left_out, fact.key

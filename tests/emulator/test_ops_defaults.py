@@ -23,7 +23,8 @@ from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 from opcheck import convert_program, mil_program
 
 from coreml_lab.emulator import EmulatedModel, registry
-from coreml_lab.emulator.interpreter import OpCall, Step
+from coreml_lab.emulator.interpreter import Step
+from coreml_lab.emulator.opcall import OpCall
 
 ACCESSORS = {"value", "int", "ints", "float", "bool", "str", "tensor", "raw"}
 OPSETS = [getattr(ct.target, name) for name in registry.OPSETS]

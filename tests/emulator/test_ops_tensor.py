@@ -1,4 +1,4 @@
-"""Emulator kernels for MIL tensor ops (coreml_lab/emulator/ops/tensor.py).
+"""Emulator kernels for MIL tensor ops (coreml_lab/emulator/ops/tensor.py and shape.py).
 
 Ops the torch frontend emits are checked with ``check_torch_op`` (FP32 CPU vs
 torch; FP16 GPU/NE vs a float64 reference). The rest (and the parameter variants
@@ -680,17 +680,18 @@ def test_nms_fp16_profiles_and_suppression():
 
 
 def test_bad_parameters_raise_value_error():
+    from coreml_lab.emulator.ops import shape as S
     from coreml_lab.emulator.ops import tensor as T
 
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="mode='wrap'.*constant"):
-        T.pad(FakeOpCall("pad", {"x": x}, pad=[1, 1], mode="wrap"))
+        S.pad(FakeOpCall("pad", {"x": x}, pad=[1, 1], mode="wrap"))
     with pytest.raises(ValueError, match="reflect padding"):
-        T.pad(FakeOpCall("pad", {"x": x}, pad=[3, 0], mode="reflect"))
+        S.pad(FakeOpCall("pad", {"x": x}, pad=[3, 0], mode="reflect"))
     with pytest.raises(ValueError, match="output_indices_dtype='int8'"):
         T.topk(FakeOpCall("topk", {"x": x}, k=1, output_indices_dtype="int8", n_outputs=2))
     with pytest.raises(ValueError, match="more than one -1"):
-        T.reshape(FakeOpCall("reshape", {"x": x}, shape=[-1, -1]))
+        S.reshape(FakeOpCall("reshape", {"x": x}, shape=[-1, -1]))
     with pytest.raises(ValueError, match="stride"):
         T.slice_by_index(FakeOpCall("slice_by_index", {"x": x}, begin=[0, 0], end=[1, 1], stride=[1, 0]))
 

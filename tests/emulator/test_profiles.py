@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coreml_lab.emulator import profiles
+from coreml_lab.emulator import device_facts, profiles
 from coreml_lab.emulator.profiles import FP16, FP32, Precision, get_profile
 
 
@@ -102,16 +102,16 @@ def test_every_ne_precision_accumulates_wide():
 
 def test_every_fact_has_a_source_chips_and_an_outcome():
     keys = set()
-    for fact in profiles.FACTS:
+    for fact in device_facts.FACTS:
         assert fact.key not in keys
         keys.add(fact.key)
         assert fact.statement and fact.chips and fact.device in ("NE", "GPU", "CPU"), fact.key
         for src in fact.source.split("; "):
-            assert src in profiles.SOURCES, (fact.key, src)
+            assert src in device_facts.SOURCES, (fact.key, src)
         assert fact.encoded or fact.left_out, fact.key                  # reproduced, or left out with a reason
         if fact.encoded.startswith("rule:"):
             assert fact.encoded[5:] in {**profiles.NE_RULES, **profiles.HAZARDS}, fact.key
-    encoded_rules = {f.encoded[5:] for f in profiles.FACTS if f.encoded.startswith("rule:")}
+    encoded_rules = {f.encoded[5:] for f in device_facts.FACTS if f.encoded.startswith("rule:")}
     assert set(profiles.NE_RULES) | set(profiles.HAZARDS) <= encoded_rules  # no rule without its fact
 
 

@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     reduction,
     resize,
     scatter_gather,
+    shape,
     state,
     tensor,
     transformers,
