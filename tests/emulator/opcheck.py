@@ -97,9 +97,18 @@ def torch_outputs(module, inputs, dtype=torch.float32) -> list[np.ndarray]:
     return [o.detach().numpy() for o in out]
 
 
+def as_core_ml_shape(ref) -> np.ndarray:
+    """A reference result shaped as Core ML returns it: a rank-0 result as shape (1,) (MLMultiArray has
+    no rank 0; coremltools' testing_utils.compare_shapes accepts exactly that pair). The emulator's
+    predict does the same."""
+    ref = np.asarray(ref)
+    return ref.reshape(1) if ref.shape == () else ref
+
+
 def _close(got, want, rtol, atol, what):
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
+    want = as_core_ml_shape(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what, equal_nan=True)
 
@@ -355,6 +364,7 @@ def check_unary_mil(build, x, ref, op_type, target="iOS17", rtol=1e-5, atol=1e-6
     ml = convert_unary_mil(build, x.shape, target)
     assert op_type in op_types(ml), f"program lost {op_type}: {sorted(op_types(ml))}"
     got = run_unary(ml, x)
+    ref = as_core_ml_shape(ref)
     assert got.shape == ref.shape, f"shape {got.shape} != {ref.shape}"
     np.testing.assert_allclose(got.astype(np.float64), ref, rtol=rtol, atol=atol)
     if not fp16:

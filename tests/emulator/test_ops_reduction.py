@@ -21,6 +21,7 @@ from opcheck import (
     FP16_PROFILES,
     FakeOpCall,
     Fn,
+    as_core_ml_shape,
     check_torch_op,
     check_unary_mil,
     convert_torch,
@@ -387,7 +388,7 @@ def _property_check(op, case):
         x = g.uniform(0.7, 1.4, size=shape).astype(np.float32)
     else:
         x = g.normal(size=shape).astype(np.float32)
-    ref = np.asarray(_NP_REDUCE[op](x.astype(np.float64), axis=_np_axes(axes, len(shape)), keepdims=keep))
+    ref = as_core_ml_shape(_NP_REDUCE[op](x.astype(np.float64), axis=_np_axes(axes, len(shape)), keepdims=keep))
     kwargs = {"keep_dims": keep} if axes is None else {"axes": axes, "keep_dims": keep}
     ml = convert_unary_mil(lambda v: getattr(mb, op)(x=v, **kwargs), shape)
     got = np.asarray(run_unary(ml, x))
