@@ -26,19 +26,12 @@ import pandas as pd
 import torch
 
 import coreml_lab as cl
+from coreml_lab.exercises import check
 import sample_models
 from coreml_lab.emulator import EmulatedModel
 from coreml_lab.widgets import lab
 
 pd.set_option("display.max_colwidth", 120)
-
-
-def check(ok, hint):
-    """Exercise feedback: prints, never raises (so the notebook also runs unattended)."""
-    if ok is None:
-        print("-> make your prediction in the cell above, then run both cells again")
-    else:
-        print("correct!" if ok else f"not quite: {hint}")
 
 
 # %% [markdown]

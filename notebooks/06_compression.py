@@ -28,20 +28,13 @@
 import pandas as pd
 
 import coreml_lab as cl
+from coreml_lab.exercises import check
 import sample_models
 from coreml_lab.compressed_weights import describe
 from sample_models.compression_outlier import OUTLIER_LAYER
 
 pd.set_option("display.max_colwidth", 140)
 pd.set_option("display.width", 200)
-
-
-def check(ok, hint):
-    """Exercise feedback: prints, never raises (so the notebook also runs unattended)."""
-    if ok is None:
-        print("-> make your prediction in the cell above, then run both cells again")
-    else:
-        print("correct!" if ok else f"not quite: {hint}")
 
 
 # %% [markdown]

@@ -104,7 +104,7 @@ LAYERS = {
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
                                        "fp16", "culprits", "bundle", "plots", "htmlreport"],
     "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
-                    "traceable", "torch_ops", "compression", "compressed_weights"],
+                    "traceable", "torch_ops", "compression", "compressed_weights", "exercises"],
 }
 
 
