@@ -166,16 +166,25 @@ def original_of(compressed_program, original_program, paired: dict | None = None
     return out
 
 
-def decompressed_values(program) -> dict:
+def decompressed_values(program, mlmodel=None) -> dict:
     """Var name -> the weight coremltools' own decompression materialises.
 
     Runs coremltools' ``WeightDecompressor`` pass (what ``decompress_weights`` runs: each
     constexpr op's ``materialized_val_inference``, in program order, so chains of joint
-    compression resolve) on a copy of ``program``; the program itself is not modified.
+    compression resolve) on a copy of ``program``; the program itself is not modified. With
+    ``mlmodel`` (the model ``program`` belongs to) the copy is the program read again from the
+    model's spec: ``copy.deepcopy`` of a deep program exceeds Python's recursion limit.
     """
     from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
 
-    prog = copy.deepcopy(program)
+    if mlmodel is not None:
+        from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+        spec = mlmodel.get_spec()
+        prog = load_milproto(spec, specification_version=spec.specificationVersion,
+                             file_weights_dir=mlmodel.weights_dir or "")
+    else:
+        prog = copy.deepcopy(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         WeightDecompressor(op_selector=lambda op: True).apply(prog)
@@ -229,7 +238,9 @@ def describe(compressed, original=None, layer_map=None, paired: dict | None = No
     orig = _original_weights(program_of(original)) if original is not None else {}
     rows = []
     entries = compressed_weights(prog)
-    decompressed = decompressed_values(prog) if orig and entries else {}
+    mlmodel = getattr(compressed, "mlmodel", None) if hasattr(compressed, "program") else (
+        compressed if hasattr(compressed, "get_spec") else None)
+    decompressed = decompressed_values(prog, mlmodel) if orig and entries else {}
     for e in entries:
         snr = err = math.nan
         w = orig.get(((paired or {}).get(e["op"], e["op"]), e["input"]))

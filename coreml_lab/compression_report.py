@@ -74,7 +74,7 @@ def compression_table(layers: pd.DataFrame, conversion, reference, pairing,
     """
     original = None if reference is conversion or reference is None else reference
     paired = _reference_op_names(conversion, original, pairing.ref_of) if original is not None else None
-    weights = describe(conversion.program, original.program if original is not None else None,
+    weights = describe(conversion, original.program if original is not None else None,
                        layer_map=pairing.layer_map, paired=paired)
     if not len(weights) or layers is None or not len(layers):
         return pd.DataFrame(columns=COLUMNS)
