@@ -11,6 +11,9 @@ LAB_ARGS ?=
 AS_ROOT ?= $(filter 0,$(shell id -u))
 LAB_ROOT := $(if $(AS_ROOT),--allow-root,)
 PYTEST_ARGS ?=
+# e.g. BENCH_REAL_ARGS="--models resnet50,bert_base --json real.json"; BENCH_1B_ARGS="--layers 2 --hidden 256"
+BENCH_REAL_ARGS ?=
+BENCH_1B_ARGS ?=
 # The browser tests drive a system Chromium through Playwright (Debian's package by default).
 CHROMIUM ?= /usr/bin/chromium
 APT_GET ?= apt-get
@@ -20,7 +23,7 @@ APT_GET ?= apt-get
 # convolutions unfold their input). Notebooks run with freed memory kept for reuse (bench/README.md: Allocator).
 MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
-.PHONY: setup test-setup chromium lab test test-slow report bench test-onnx-import clean-cache
+.PHONY: setup test-setup chromium lab test test-slow report bench bench-real bench-1b test-onnx-import clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,9 +71,18 @@ test-slow: test-setup
 report: setup
 	env $(MALLOC_KEEP) $(PY) tools/render_notebooks.py notebooks reports
 
-## make bench: emulator and diagnosis speed/memory ratios against a torch forward
+## make bench: emulator and diagnosis speed/memory ratios against a torch forward, then the real-scale set
+## (bench-real alone: eleven Hugging Face architectures at full size, about an hour on 2 cores; transformers is a
+## dev dependency, installed by setup); make bench-1b: the 1B-parameter decoder (needs ~24 GB, not run by bench)
 bench: setup
 	$(PY) bench/run.py --malloc-env "$(MALLOC_KEEP)"
+	$(PY) bench/real_scale.py --malloc-env "$(MALLOC_KEEP)" $(BENCH_REAL_ARGS)
+
+bench-real: setup
+	$(PY) bench/real_scale.py --malloc-env "$(MALLOC_KEEP)" $(BENCH_REAL_ARGS)
+
+bench-1b: setup
+	env $(MALLOC_KEEP) $(PY) bench/decoder_1b.py $(BENCH_1B_ARGS)
 
 # onnx2torch needs torchvision, which only installs beside a (large) CUDA torch build here.
 $(ONNX_STAMP): pyproject.toml
