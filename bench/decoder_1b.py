@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     heads = args.heads or max(1, args.hidden // 64)
     if min(args.layers, args.hidden, intermediate, heads, args.vocab, args.tokens, args.forwards) < 1:
         raise SystemExit("--layers, --hidden, --intermediate, --heads, --vocab, --tokens and --forwards must be >= 1")
+    if args.hidden % heads or (args.hidden // heads) % 2:
+        ap.error(f"--hidden {args.hidden} must split into {heads} heads (--heads) of an even size")
 
     cache = args.cache or Path(tempfile.mkdtemp(prefix="decoder_1b_cache_"))
     os.environ["COREML_LAB_CACHE"] = str(cache)  # read by coreml_lab when it converts
