@@ -151,8 +151,7 @@ class OutputStatistics:
             return "golden=False: no FP64 run; output errors are against torch FP32 (golden columns are empty)"
         if not with_golden:
             return ("no FP64 golden run: the FP32 program agrees with torch FP32 within FP32 noise (rel err <= "
-                    f"{GOLDEN_TOLERANCE:g}) on every output, so torch FP32 is as exact a reference; golden columns "
-                    "are empty (diagnose(..., golden=True) runs it anyway)")
+                    f"{GOLDEN_TOLERANCE:g}), so torch FP32 is as good a reference (golden=True runs it anyway)")
         others = "" if len(with_golden) == len(self.output_names) else \
             "; the other outputs' golden columns are empty (within FP32 noise)"
         return (f"FP64 golden run for {', '.join(map(repr, with_golden))}, where the FP32 program and torch FP32 "
