@@ -45,7 +45,7 @@ from .local_error import LocalErrors
 from .options import ConversionOptions, as_options
 from .output_statistics import check_golden
 from .pairing import ProgramPairing, pair_programs, reference_key, unpaired_ops
-from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
+from .reference import GoldenRun, TorchPump, buffers_holding, drain, feed_tensors, run_onnxruntime, run_torch, snapshot
 from .report import Report
 from .states import StepStates, check_steps, preserved_buffers
 from .statistics import RunState, Statistics, StepInfo, StepState, steps_with_nonfinite_consts
@@ -236,8 +236,7 @@ class Diagnosis:
         self.torch_model = conv.source.reference if conv.source is not None else None
         output_names = [o.name for o in conv.mlmodel.get_spec().description.output]
         self.stats = Statistics(cus, self.pairing, output_names, conv32.program, golden)
-        self._double = None  # FP64 twin of the torch model, made once
-        self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
+        self._double = GoldenRun(self.torch_model)  # its FP64 twin made at the first golden run
         #: compressed weights' original values; the local errors of their ops re-run with them
         self.originals = original_weights(conv, conv32, self.pairing) if local else {}
         self.uncompressed_local: dict = {}
@@ -270,7 +269,7 @@ class Diagnosis:
             torch_run = None
             tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
             # torch's state buffers as this step found them: a golden run after it starts from them too
-            before = _snapshot(states.torch_buffers) if states is not None and tensors is not None else None
+            before = snapshot(states.torch_buffers) if states is not None and tensors is not None else None
             onnx_out = run_onnxruntime(self.conv.onnx_path, feeds) if self.conv.onnx_path else None
             if self.kind == "emulator":
                 if tensors is not None:
@@ -306,26 +305,17 @@ class Diagnosis:
     def _golden(self, tensors, states=None, before=None):
         """The FP64 run of one input, after the units ran it (from ``before``, torch's state buffers as
         the step found them); FP64 weights made per module as it runs, or a full FP64 copy if needed."""
-        with _restored(states.torch_buffers, before) if before is not None else contextlib.nullcontext():
+        with buffers_holding(states.torch_buffers, before) if before is not None else contextlib.nullcontext():
             return self._golden_run(tensors)
 
     def _golden_run(self, tensors):
-        while True:
-            if self._double is None:
-                try:
-                    self._double, self._double_lazy = lazy_double_copy(self.torch_model), True
-                except TypeError:  # not an eager module (TorchScript)
-                    self._double, self._double_lazy = double_copy(self.torch_model), False
-            try:
-                return run_torch(self.torch_model, tensors, dtype=torch.float64, double_model=self._double)
-            except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
-                if self._double_lazy:  # it reads weights across modules: a full FP64 copy
-                    self._double, self._double_lazy = double_copy(self.torch_model), False
-                    continue
-                self.stats.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                                     "golden columns are empty")
-                self.stats.model_outputs.golden_failed = type(exc).__name__
-                return None
+        try:
+            return self._double(tensors)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
+            self.stats.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
+                                 "golden columns are empty")
+            self.stats.model_outputs.golden_failed = type(exc).__name__
+            return None
 
     def _lockstep(self, ref, devs, feeds, torch_run, states=None):
         """Generator: one input through the reference and every unit in lockstep, measured as it goes."""
@@ -381,25 +371,6 @@ class Diagnosis:
             dev_outs[cu] = coreml.stream(feeds, lambda order, record, cu=cu: self.stats.add_measured(
                 cu, order, record, keep.get(self.ref_of.get(record.name))))
         return ref_outs, dev_outs
-
-
-def _snapshot(buffers: dict) -> dict:
-    return {name: b.detach().clone() for name, b in buffers.items()}
-
-
-@contextlib.contextmanager
-def _restored(buffers: dict, values: dict):
-    """torch's state buffers hold ``values`` inside the block (a golden run of a step already taken),
-    and what the step left in them afterwards."""
-    after = _snapshot(buffers)
-    with torch.no_grad():
-        for name, b in buffers.items():
-            b.copy_(values[name])
-        try:
-            yield
-        finally:
-            for name, b in buffers.items():
-                b.copy_(after[name])
 
 
 def _widened(ref_feeds: dict, feeds: dict) -> dict:

@@ -144,8 +144,8 @@ class OutputStatistics:
 
     def note(self) -> str | None:
         """One line for the Report's notes: which outputs have a golden comparison, and why the others not."""
-        if not self.disagreement or self.golden is True and not self.golden_failed:
-            return None
+        if not self.disagreement or self.golden is True or self.golden_failed:
+            return None  # nothing to compare, every output compared, or the failure's own note says it
         with_golden = [n for n in self.output_names if self.golden_inputs.get(n)]
         if self.golden is False:
             return "golden=False: no FP64 run; output errors are against torch FP32 (golden columns are empty)"
