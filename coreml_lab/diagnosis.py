@@ -16,13 +16,16 @@ no run keeps every tensor):
 * torch FP32, with forward hooks on the modules whose output op is known, checks
   the FP32 program layer by layer: a wrong decomposition shows up even at FP32.
   torch FP64 is the golden reference that separates conversion error from
-  ordinary FP32 noise; ONNX Runtime is the reference of ONNX sources (:mod:`.reference`).
+  ordinary FP32 noise: by default run after the units, and only for the inputs and outputs
+  where the FP32 program and torch FP32 disagree beyond it (:mod:`.output_statistics`).
+  ONNX Runtime is the reference of ONNX sources (:mod:`.reference`).
 * On macOS with ``runtime="coreml"`` the units are Core ML itself
   (:meth:`.runtime.CoreMLRuntime.stream`), measured against the same reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections.abc import Iterable, Sequence
@@ -40,8 +43,9 @@ from .emulator.profiles import EXACT_FP32, PROFILES, get_profile, profile_label
 from .feeds import dataset
 from .local_error import LocalErrors
 from .options import ConversionOptions, as_options
+from .output_statistics import check_golden
 from .pairing import ProgramPairing, pair_programs, reference_key, unpaired_ops
-from .reference import TorchPump, double_copy, drain, feed_tensors, lazy_double_copy, run_onnxruntime, run_torch
+from .reference import GoldenRun, TorchPump, buffers_holding, drain, feed_tensors, run_onnxruntime, run_torch, snapshot
 from .report import Report
 from .states import StepStates, check_steps, preserved_buffers
 from .statistics import RunState, Statistics, StepInfo, StepState, steps_with_nonfinite_consts
@@ -54,7 +58,7 @@ DEFAULT_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 def diagnose(model, example_inputs=None, options: ConversionOptions | dict | None = None,
              compute_units: Sequence[str] = DEFAULT_COMPUTE_UNITS, runtime: str = "auto",
              inputs: Iterable[dict] | None = None, progress: bool = True, local: bool = True, *,
-             reuse: bool = True, steps: Sequence[dict] | None = None, mlmodel=None) -> Report:
+             reuse: bool = True, steps: Sequence[dict] | None = None, mlmodel=None, golden="auto") -> Report:
     """Diagnose ``model`` converted with ``options`` on each compute unit; returns a :class:`Report`.
 
     ``model`` may also be a :class:`~.convert.Conversion` from :func:`~.convert.convert`: it is
@@ -78,7 +82,14 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     also has ``steps`` (per step, unit and output / state / layer) and ``first_bad_step``. A
     model without state works too: steps are then simply ordered inputs. Without ``steps``, each
     input of a stateful model is a first step from an empty state.
+
+    ``golden``: the torch FP64 "golden" run, which tells FP32 noise from conversion error.
+    "auto" runs it after the units, for an input whose FP32 program and torch FP32 outputs
+    disagree beyond FP32 noise (:data:`~.output_statistics.GOLDEN_TOLERANCE`), and compares only
+    those outputs; True on every input, False never. The ``outputs`` table's ``golden`` column
+    says which outputs have a golden comparison and why the others do not.
     """
+    check_golden(golden)
     if not list(compute_units):
         raise ValueError("compute_units is empty: give at least one of CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL")
     profiles = {}
@@ -105,7 +116,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
                          "(diagnose(package, example_inputs, steps=...)) or the torch model with steps=")
     if mlmodel is not None:
         return _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local,
-                                             profiles, reuse, progress)
+                                             profiles, reuse, progress, golden)
     if isinstance(model, Conversion) and model.method == "loaded":
         if options is not None:
             raise ValueError("an existing Core ML model is diagnosed as it is: pass options=None")
@@ -126,7 +137,7 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         else:
             feeds = [packages.check_feeds(package, f, f"inputs[{i}]")
                      for i, f in enumerate(dataset(inputs, conv.example_inputs))]
-        return Diagnosis(conv, conv, cus, kind, local, profiles, reuse=reuse,
+        return Diagnosis(conv, conv, cus, kind, local, profiles, reuse=reuse, golden=golden,
                          pairing=ProgramPairing.identity(conv)).run(feeds, progress, stepwise=steps is not None)
     if isinstance(model, Conversion):
         conv, opts = model, model.options
@@ -166,8 +177,8 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         feeds = dataset(steps, conv.example_inputs, what="steps")
     else:
         feeds = dataset(inputs, conv.example_inputs)
-    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse).run(feeds, progress,
-                                                                              stepwise=steps is not None)
+    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse, golden=golden).run(
+        feeds, progress, stepwise=steps is not None)
 
 
 def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
@@ -177,7 +188,7 @@ def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
 
 
 def _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local, profiles,
-                                  reuse, progress) -> Report:
+                                  reuse, progress, golden="auto") -> Report:
     """A package (``mlmodel``) against the kit's FP32 conversion of the torch ``model`` it came from."""
     if isinstance(model, Conversion) or packages.is_package(model):
         raise ValueError("mlmodel= is the package to diagnose; model must then be the torch model it came from "
@@ -199,7 +210,8 @@ def _diagnose_package_with_source(model, example_inputs, options, mlmodel, input
     pairing = ProgramPairing.of(conv, conv32)
     packages.check_paired(conv, conv32, pairing.ref_of, unpaired_ops(conv.program, pairing.ref_of))
     feeds = [packages.check_feeds(package, f, f"inputs[{i}]") for i, f in enumerate(dataset(inputs, prep.inputs))]
-    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse, pairing=pairing).run(feeds, progress)
+    return Diagnosis(conv, conv32, cus, kind, local, profiles, reuse=reuse, pairing=pairing,
+                     golden=golden).run(feeds, progress)
 
 
 class Diagnosis:
@@ -211,7 +223,8 @@ class Diagnosis:
     """
 
     def __init__(self, conv: Conversion, conv32: Conversion, cus: list[str], kind: str, local: bool,
-                 profiles: dict | None = None, reuse: bool = True, pairing: ProgramPairing | None = None):
+                 profiles: dict | None = None, reuse: bool = True, pairing: ProgramPairing | None = None,
+                 golden="auto"):
         self.conv, self.conv32, self.cus, self.kind, self.local = conv, conv32, cus, kind, local
         #: compute what several units (or a unit and the reference) compute identically only once
         self.reuse = reuse
@@ -222,9 +235,8 @@ class Diagnosis:
         self.ref_of = self.pairing.ref_of
         self.torch_model = conv.source.reference if conv.source is not None else None
         output_names = [o.name for o in conv.mlmodel.get_spec().description.output]
-        self.stats = Statistics(cus, self.pairing, output_names, conv32.program)
-        self._double = None  # FP64 twin of the torch model, made once
-        self._double_lazy = False  # ... with its FP64 weights made per module (lazy_double_copy)
+        self.stats = Statistics(cus, self.pairing, output_names, conv32.program, golden)
+        self._double = GoldenRun(self.torch_model)  # its FP64 twin made at the first golden run
         #: compressed weights' original values; the local errors of their ops re-run with them
         self.originals = original_weights(conv, conv32, self.pairing) if local else {}
         self.uncompressed_local: dict = {}
@@ -254,10 +266,10 @@ class Diagnosis:
                 states.reset()  # a stateful model starts from empty states (each input, or the first step)
             if stepwise:
                 self.stats.begin_step()
-            golden = torch_run = None
+            torch_run = None
             tensors = feed_tensors(feeds, self.conv.example_inputs) if self.torch_model is not None else None
-            if tensors is not None:
-                golden = self._golden(tensors)
+            # torch's state buffers as this step found them: a golden run after it starts from them too
+            before = snapshot(states.torch_buffers) if states is not None and tensors is not None else None
             onnx_out = run_onnxruntime(self.conv.onnx_path, feeds) if self.conv.onnx_path else None
             if self.kind == "emulator":
                 if tensors is not None:
@@ -271,7 +283,10 @@ class Diagnosis:
                 if tensors is not None:
                     torch_run = run_torch(self.torch_model, tensors, module_outputs)
                 ref_outs, dev_outs = self._measured(ref, feeds, torch_run)
-            self.stats.compare_outputs(ref_outs, dev_outs, torch_run, golden, onnx_out)
+            wanted = self.stats.compare_outputs(ref_outs, dev_outs, torch_run, onnx_out)
+            if wanted and tensors is not None:
+                self.stats.compare_golden(self._golden(tensors, states, before), wanted)
+            self.stats.finish_outputs()
             if states is not None and stepwise:
                 self.stats.compare_states(states.units, states.want())
             if stepwise:
@@ -287,23 +302,20 @@ class Diagnosis:
         report.layers = mark_layers(report.layers, report.compression)
         return report
 
-    def _golden(self, tensors):
-        """The FP64 run; FP64 weights made per module as it runs, or a full FP64 copy if needed."""
-        while True:
-            if self._double is None:
-                try:
-                    self._double, self._double_lazy = lazy_double_copy(self.torch_model), True
-                except TypeError:  # not an eager module (TorchScript)
-                    self._double, self._double_lazy = double_copy(self.torch_model), False
-            try:
-                return run_torch(self.torch_model, tensors, dtype=torch.float64, double_model=self._double)
-            except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
-                if self._double_lazy:  # it reads weights across modules: a full FP64 copy
-                    self._double, self._double_lazy = double_copy(self.torch_model), False
-                    continue
-                self.stats.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                                     "golden columns are empty")
-                return None
+    def _golden(self, tensors, states=None, before=None):
+        """The FP64 run of one input, after the units ran it (from ``before``, torch's state buffers as
+        the step found them); FP64 weights made per module as it runs, or a full FP64 copy if needed."""
+        with buffers_holding(states.torch_buffers, before) if before is not None else contextlib.nullcontext():
+            return self._golden_run(tensors)
+
+    def _golden_run(self, tensors):
+        try:
+            return self._double(tensors)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that casts to float32 itself
+            self.stats.notes.add(f"the FP64 golden run failed ({type(exc).__name__}: {str(exc)[:120]}); "
+                                 "golden columns are empty")
+            self.stats.model_outputs.golden_failed = type(exc).__name__
+            return None
 
     def _lockstep(self, ref, devs, feeds, torch_run, states=None):
         """Generator: one input through the reference and every unit in lockstep, measured as it goes."""

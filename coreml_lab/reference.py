@@ -8,6 +8,7 @@ carrying their output), so memory stays proportional to what is compared.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -206,6 +207,49 @@ class _Release:
     def __call__(self, module, args, output):
         for n, t in self.own.items():
             setattr(module, n, t)
+
+
+class GoldenRun:
+    """The FP64 golden runs of one diagnosis: ``run(tensors)`` -> :class:`TorchRun`. The FP64 twin is
+    made at the first run, weights per module (:func:`lazy_double_copy`), or a full copy
+    (:func:`double_copy`) for TorchScript or a forward that reads another module's weights."""
+
+    def __init__(self, model):
+        self.model, self.twin, self.lazy = model, None, False
+
+    def __call__(self, tensors) -> TorchRun:
+        while True:
+            if self.twin is None:
+                try:
+                    self.twin, self.lazy = lazy_double_copy(self.model), True
+                except TypeError:  # not an eager module (TorchScript)
+                    self.twin, self.lazy = double_copy(self.model), False
+            try:
+                return run_torch(self.model, tensors, dtype=torch.float64, double_model=self.twin)
+            except Exception:
+                if not self.lazy:
+                    raise
+                self.twin, self.lazy = double_copy(self.model), False  # it reads weights across modules
+
+
+def snapshot(buffers: dict) -> dict:
+    """Copies of torch buffers (name -> tensor)."""
+    return {name: b.detach().clone() for name, b in buffers.items()}
+
+
+@contextlib.contextmanager
+def buffers_holding(buffers: dict, values: dict):
+    """torch buffers hold ``values`` inside the block (a golden run of a decoding step already taken
+    starts from the state the step found), and what they held before afterwards."""
+    after = snapshot(buffers)
+    with torch.no_grad():
+        for name, b in buffers.items():
+            b.copy_(values[name])
+        try:
+            yield
+        finally:
+            for name, b in buffers.items():
+                b.copy_(after[name])
 
 
 def run_torch(model, tensors: Sequence[torch.Tensor], modules: Iterable[str] = (),

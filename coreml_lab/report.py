@@ -19,17 +19,21 @@ Column reference (stable; notebooks and users rely on them):
     "" for an op reading none).
 ``outputs`` - one row per (compute unit, model output): compute_unit, runtime, output, shape,
     the metrics of :mod:`coreml_lab.metrics` against torch FP32 (max_abs_err, mean_abs_err,
-    rel_err, snr_db, psnr_db, cosine, nonfinite_frac, top1_agree, elements) and against the
-    FP64 golden run (golden_max_abs_err, golden_rel_err).
+    rel_err, snr_db, psnr_db, cosine, nonfinite_frac, top1_agree, elements), against the
+    FP64 golden run (golden_max_abs_err, golden_rel_err; NaN where it was not run), and golden
+    (whether the output has a golden comparison, on how many inputs, and why not: by default
+    only where the FP32 program and torch FP32 disagree beyond FP32 noise, see
+    :mod:`coreml_lab.output_statistics`).
 ``fp16_range`` - one row per model input (kind "input", index -1), per op output of the FP32
     program (kind "activation") and per float weight/constant (kind "weight"): index, op,
     output, op_type, kind, module,
     inputs_max_abs, max_abs, min_abs_nonzero, overflow_frac (|x| > 65504),
     subnormal_frac (0 < |x| < 2^-14), flush_frac (0 < |x| < 2^-24), nonfinite_frac,
     elements, used_by.
-``references`` - the references among themselves, per output: "torch fp32" vs FP64 (the
-    FP32 noise floor), "fp32 program (emulated, exact)" vs FP64 (conversion error at FP32),
-    "onnxruntime" vs FP64 (ONNX sources).
+``references`` - the references among themselves, per output: reference, against ("torch fp64"
+    where the golden run was made, else "torch fp32"), output and the metrics: "torch fp32" vs
+    FP64 (the FP32 noise floor), "fp32 program (emulated, exact)" (conversion error at FP32),
+    "onnxruntime" (ONNX sources).
 ``first_nonfinite`` - per compute unit, the first op (program order) whose output has inf/NaN.
 ``divergence`` - per pair of compute units and op output: max_abs_diff, rel_diff, nonfinite_frac.
 ``compression`` - one row per (compute unit, compressed weight) of a compressed conversion (empty
@@ -59,7 +63,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import bundle, htmlreport
+from . import bundle, htmlreport, report_tables
 from . import culprits as culprit_rules
 from .culprits import fmt, pct
 from .environment import environment, profile_lines
@@ -68,24 +72,14 @@ from .metrics import degenerate_reference
 
 @dataclass
 class Report:
-    LAYER_COLUMNS = ["compute_unit", "runtime", "index", "op", "output", "op_type", "module", "module_output",
-                     "device", "shape", "max_abs", "max_abs_err", "mean_abs_err", "rel_err", "snr_db", "psnr_db",
-                     "cosine", "nonfinite_frac", "nonfinite_onset", "local_max_abs_err", "local_rel_err",
-                     "local_snr_db", "torch_rel_err", "inputs", "reference", "int_mismatch_frac",
-                     "int_mismatch_onset", "compression"]
-    OUTPUT_COLUMNS = ["compute_unit", "runtime", "output", "shape", "max_abs_err", "mean_abs_err", "rel_err",
-                      "snr_db", "psnr_db", "cosine", "nonfinite_frac", "top1_agree", "elements",
-                      "golden_max_abs_err", "golden_rel_err"]
-    RANGE_COLUMNS = ["index", "op", "output", "op_type", "kind", "module", "inputs_max_abs", "max_abs",
-                     "min_abs_nonzero", "overflow_frac", "subnormal_frac", "flush_frac", "nonfinite_frac",
-                     "elements", "used_by"]
-    REFERENCE_COLUMNS = ["reference", "output", "max_abs_err", "mean_abs_err", "rel_err", "snr_db", "psnr_db",
-                         "cosine", "nonfinite_frac", "top1_agree", "elements"]
-    ONSET_COLUMNS = ["compute_unit", "index", "op", "output", "op_type", "module", "device"]
-    DIVERGENCE_COLUMNS = ["pair", "index", "op", "output", "op_type", "module", "max_abs_diff", "rel_diff",
-                          "nonfinite_frac"]
+    LAYER_COLUMNS = report_tables.LAYER_COLUMNS
+    OUTPUT_COLUMNS = report_tables.OUTPUT_COLUMNS
+    RANGE_COLUMNS = report_tables.RANGE_COLUMNS
+    REFERENCE_COLUMNS = report_tables.REFERENCE_COLUMNS
+    ONSET_COLUMNS = report_tables.ONSET_COLUMNS
+    DIVERGENCE_COLUMNS = report_tables.DIVERGENCE_COLUMNS
     CULPRIT_COLUMNS = culprit_rules.COLUMNS
-    STEP_COLUMNS = ["step", "compute_unit", "name", "kind", "index", "max_abs_err", "rel_err", "nonfinite_frac"]
+    STEP_COLUMNS = report_tables.STEP_COLUMNS
 
     layers: pd.DataFrame
     outputs: pd.DataFrame
@@ -131,80 +125,10 @@ class Report:
         """The Report of a diagnosis from its :class:`~.statistics.Statistics` (every table, the
         histograms, notes and runs); ``conversion`` is the diagnosed one, ``profiles`` (label ->
         DeviceProfile) the profiles that modelled its units (named in the environment)."""
-        module_of = stats.pairing.layer_map.module_of
-        layer_rows = []
-        nan = math.nan
-        for cu in stats.units:
-            for name, st in stats.ops[cu].items():
-                if st.info is None:
-                    continue
-                info = st.info
-                acc = st.acc.result() if st.acc.n else {}
-                loc = st.local.result() if st.local.n else {}
-                key = stats.ref_of.get(name)
-                mod_out = stats.pairing.module_vars.get(key)
-                torch_layer = stats.torch_layers[mod_out].result() if mod_out in stats.torch_layers else {}
-                layer_rows.append({
-                    "compute_unit": cu, "runtime": runtime, "index": info.index, "op": info.op, "output": name,
-                    "op_type": info.op_type, "module": module_of(name), "module_output": mod_out,
-                    "device": info.device, "shape": stats.shapes.get(name), "max_abs": st.max_abs,
-                    "max_abs_err": acc.get("max_abs_err", nan), "mean_abs_err": acc.get("mean_abs_err", nan),
-                    "rel_err": acc.get("rel_err", nan), "snr_db": acc.get("snr_db", nan),
-                    "psnr_db": acc.get("psnr_db", nan), "cosine": acc.get("cosine", nan),
-                    "nonfinite_frac": acc.get("nonfinite_frac", 1.0 if st.nonfinite else 0.0),
-                    "nonfinite_onset": st.nonfinite and not st.nonfinite_from_inputs,
-                    "local_max_abs_err": loc.get("max_abs_err", nan), "local_rel_err": loc.get("rel_err", nan),
-                    "local_snr_db": loc.get("snr_db", nan), "torch_rel_err": torch_layer.get("rel_err", nan),
-                    "inputs": ",".join(info.inputs), "reference": key if (st.acc.n or st.ints) else None,
-                    "int_mismatch_frac": st.ints_differ / st.ints if st.ints else nan,
-                    "int_mismatch_onset": bool(st.ints_differ) and not st.ints_from_inputs,
-                })
-        layers = pd.DataFrame(layer_rows, columns=cls.LAYER_COLUMNS)
-        if len(layers):
-            layers = layers.sort_values(["compute_unit", "index"], kind="stable").reset_index(drop=True)
-        out_rows = []
-        for cu in stats.units:
-            for name in stats.output_names:
-                if (cu, name) not in stats.outputs:
-                    continue
-                res = stats.outputs[(cu, name)].result()
-                gold = stats.outputs_golden[(cu, name)].result() if (cu, name) in stats.outputs_golden else {}
-                out_rows.append({"compute_unit": cu, "runtime": runtime, "output": name,
-                                 "shape": stats.shapes.get(("output", name)), **res,
-                                 "golden_max_abs_err": gold.get("max_abs_err", nan),
-                                 "golden_rel_err": gold.get("rel_err", nan)})
-        onset = []
-        for cu, name in stats.first_nonfinite.items():
-            info = stats.ops[cu][name].info
-            onset.append({"compute_unit": cu, "index": info.index, "op": info.op, "output": name,
-                          "op_type": info.op_type, "module": module_of(name), "device": info.device})
-        torch_layers = pd.DataFrame([{"module": m, **s.result()} for m, s in stats.torch_layers.items()]
-                                    + [{"module": m, "shape_mismatch": f"{a} vs torch {b}"}
-                                       for m, (a, b) in stats.torch_mismatch.items()])
-        div_rows = []
-        first = stats.ops[stats.units[0]] if stats.units else {}
-        for (a, b, name), st in stats.pairs.items():
-            info = first[name].info if name in first and first[name].info else None
-            div_rows.append({"pair": f"{a} vs {b}", "index": info.index if info else nan, "op": info.op if info else "",
-                             "output": name, "op_type": info.op_type if info else "", "module": module_of(name),
-                             **st.result()})
-        histograms = {("layer", cu, name): st.hist.to_dict() for cu in stats.units
-                      for name, st in stats.ops[cu].items()
-                      if st.hist.counts.sum() or st.hist.exact or st.hist.nonfinite}
-        histograms.update({("output", cu, name): h.to_dict() for (cu, name), h in stats.output_hist.items()})
-        return cls(
-            layers=layers, outputs=pd.DataFrame(out_rows, columns=cls.OUTPUT_COLUMNS),
-            fp16_range=pd.DataFrame(stats.range_rows(), columns=cls.RANGE_COLUMNS),
-            references=pd.DataFrame([{"reference": k[0], "output": k[1], **v.result()}
-                                     for k, v in stats.references.items()], columns=cls.REFERENCE_COLUMNS),
-            first_nonfinite=pd.DataFrame(onset, columns=cls.ONSET_COLUMNS), torch_layers=torch_layers,
-            divergence=pd.DataFrame(div_rows, columns=cls.DIVERGENCE_COLUMNS),
-            histograms=histograms, options=conversion.options, compute_units=list(stats.units), runtime=runtime,
-            n_inputs=n_inputs, conversion=conversion, messages=list(conversion.messages),
-            layer_source=stats.pairing.layer_map.source, notes=sorted(stats.notes), runs=stats.runs,
-            environment=environment(runtime, profiles),
-            steps=pd.DataFrame(stats.step_rows, columns=cls.STEP_COLUMNS),
-        )
+        return cls(options=conversion.options, compute_units=list(stats.units), runtime=runtime, n_inputs=n_inputs,
+                   conversion=conversion, messages=list(conversion.messages),
+                   layer_source=stats.pairing.layer_map.source, environment=environment(runtime, profiles),
+                   **report_tables.tables(stats, runtime))
 
     @property
     def ok(self) -> bool:
@@ -299,7 +223,8 @@ class Report:
         fp32 = self.references[self.references["reference"].str.startswith("fp32 program")] \
             if len(self.references) else self.references
         if len(fp32):
-            lines.append(f"- FP32 conversion vs torch FP64: rel err {fmt(fp32['rel_err'].max())}"
+            against = " and ".join(sorted({str(a) for a in fp32.get("against", pd.Series(["torch fp64"]))}))
+            lines.append(f"- FP32 conversion vs {against.replace('fp', 'FP')}: rel err {fmt(fp32['rel_err'].max())}"
                          f"{' (translation error!)' if fp32['rel_err'].max() > 1e-3 else ' (conversion itself is right)'}")
         lines += self._step_lines(tolerance)
         if len(self.first_nonfinite):

@@ -21,6 +21,7 @@ import torch
 from .emulator.program import walk_ops
 from .fp16 import RangeStats, const_ranges
 from .metrics import DiffStats, ErrorHistogram, ErrorStats, largest_finite, max_abs, reference_sums
+from .output_statistics import OutputStatistics
 from .pairing import ProgramPairing
 
 
@@ -161,7 +162,8 @@ def _has_nonfinite_const(step) -> bool:
 class Statistics:
     """The running statistics of one diagnosis (every input, every compute unit)."""
 
-    def __init__(self, units: list[str], pairing: ProgramPairing, output_names: list[str], reference_program):
+    def __init__(self, units: list[str], pairing: ProgramPairing, output_names: list[str], reference_program,
+                 golden="auto"):
         self.units = units
         self.pairing = pairing
         self.ref_of = pairing.ref_of
@@ -172,10 +174,8 @@ class Statistics:
         self.torch_layers = defaultdict(ErrorStats)        # module -> FP32 program vs torch
         self.torch_mismatch: dict = {}                     # module -> (program shape, torch shape)
         self.first_nonfinite: dict = {}                    # unit -> first var with inf/NaN
-        self.outputs = defaultdict(ErrorStats)             # (unit, output) -> vs torch FP32
-        self.outputs_golden = defaultdict(ErrorStats)      # (unit, output) -> vs torch FP64
-        self.output_hist = defaultdict(ErrorHistogram)
-        self.references = defaultdict(ErrorStats)          # (reference, output) -> vs FP64
+        #: model outputs against torch FP32 and, where needed, the FP64 golden run
+        self.model_outputs = OutputStatistics(units, output_names, golden)
         self.pairs = defaultdict(DiffStats)                # (unit a, unit b, var) -> divergence
         self.int_bad = {cu: set() for cu in units}         # integer vars that differ from the reference
         self.shapes: dict = {}
@@ -312,37 +312,18 @@ class Statistics:
             st.hist.add(val, want.reshape(val.shape))
 
     # ---------------------------------------------------------------- whole-model outputs
-    def compare_outputs(self, ref_outs, dev_outs, torch_run, golden, onnx_out) -> None:
-        tvals = torch_run.outputs if torch_run is not None else None
-        gvals = golden.outputs if golden is not None else None
-        for i, name in enumerate(self.output_names):
-            t = tvals[i] if tvals is not None and i < len(tvals) else None
-            g = gvals[i] if gvals is not None and i < len(gvals) else None
-            r32 = ref_outs.get(self.ref_of.get(name, name))
-            r32 = r32.detach().numpy() if isinstance(r32, torch.Tensor) else r32
-            want = t if t is not None else r32
-            for cu in self.units:
-                d = dev_outs[cu].get(name)
-                d = d.detach().numpy() if isinstance(d, torch.Tensor) else d
-                if not isinstance(d, np.ndarray) or not np.issubdtype(d.dtype, np.number):
-                    continue
-                self.shapes[("output", name)] = tuple(d.shape)
-                if want is not None and np.size(want) == d.size:
-                    self.outputs[(cu, name)].add(d, np.reshape(want, d.shape))
-                    if self._step is not None:
-                        self._step[(cu, "output", name)].add(d, np.reshape(want, d.shape))
-                    self.output_hist[(cu, name)].add(d, np.reshape(want, d.shape))
-                if g is not None and np.size(g) == d.size:
-                    self.outputs_golden[(cu, name)].add(d, np.reshape(g, d.shape))
-            base = g if g is not None else t
-            if base is None:
-                continue
-            if isinstance(r32, np.ndarray) and r32.size == np.size(base):
-                self.references[("fp32 program (emulated, exact)", name)].add(r32, np.reshape(base, r32.shape))
-            if t is not None and g is not None:
-                self.references[("torch fp32", name)].add(t, g)
-            if onnx_out is not None and i < len(onnx_out) and np.size(onnx_out[i]) == np.size(base):
-                self.references[("onnxruntime", name)].add(onnx_out[i], np.reshape(base, np.shape(onnx_out[i])))
+    def compare_outputs(self, ref_outs, dev_outs, torch_run, onnx_out) -> list[str]:
+        """One input's model outputs against torch FP32 (:class:`~.output_statistics.OutputStatistics`);
+        returns the outputs the golden FP64 run is needed for (empty: none)."""
+        self.model_outputs.compare(ref_outs, dev_outs, torch_run, onnx_out, self.ref_of, self.shapes, self._step)
+        return self.model_outputs.needs_golden()
+
+    def compare_golden(self, golden, names) -> None:
+        """The golden run (a TorchRun, None if it failed) for the outputs ``names`` of the input just compared."""
+        self.model_outputs.compare_golden(golden.outputs if golden is not None else None, names)
+
+    def finish_outputs(self) -> None:
+        self.model_outputs.finish_input()
 
     def record_run(self, feeds, dev_outs, torch_run) -> None:
         """Keep each input and each unit's outputs: small, and what two machines' runs are compared by."""

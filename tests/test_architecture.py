@@ -100,9 +100,9 @@ LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
     "workflows": ["targets", "compression_fix", "fixes", "fp32_regions", "lint"],
     "diagnosis": ["diagnosis"],
-    "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
+    "diagnosis parts": ["compression_report", "local_error", "statistics", "output_statistics", "pairing", "report"],
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
-                                       "fp16", "culprits", "bundle", "plots", "htmlreport"],
+                                       "fp16", "culprits", "bundle", "plots", "htmlreport", "report_tables"],
     "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
                     "traceable", "torch_ops", "compression", "compressed_weights", "exercises"],
 }
