@@ -98,7 +98,7 @@ def test_the_cycle_finder_finds_a_cycle_and_reads_the_package():
 #: or those below it (within a layer, the cycle test keeps the arrows one way).
 LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
-    "workflows": ["targets", "compression_fix", "fixes", "fp32_regions", "lint"],
+    "workflows": ["targets", "suggestions", "compression_fix", "fixes", "fp32_regions", "lint"],
     "diagnosis": ["diagnosis"],
     "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
