@@ -103,8 +103,9 @@ LAYERS = {
     "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
                                        "fp16", "culprits", "bundle", "plots", "htmlreport"],
-    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
-                    "traceable", "torch_ops", "compression", "compressed_weights", "exercises"],
+    "foundations": ["emulator", "metrics", "error_histogram", "tensor_passes", "environment", "feeds", "options",
+                    "messages", "onnx_recurrent", "traceable", "torch_ops", "compression", "compressed_weights",
+                    "exercises"],
 }
 
 
