@@ -11,10 +11,11 @@ from .bundle import compare_reports  # noqa: E402
 from .compression_fix import CompressionFix, find_uncompressed_ops  # noqa: E402
 from .convert import Conversion, ConversionError, convert  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
-from .fixes import MixedPrecisionFix, find_fp32_ops, suggest_fixes  # noqa: E402
+from .fixes import MixedPrecisionFix, find_fp32_ops  # noqa: E402
 from .lint import lint  # noqa: E402
 from .options import ConversionOptions  # noqa: E402
 from .report import Report, load_report  # noqa: E402
+from .suggestions import suggest_fixes  # noqa: E402
 from .targets import target_matrix  # noqa: E402
 
 __all__ = ["ConversionOptions", "convert", "Conversion", "ConversionError", "diagnose", "Report", "load_report",

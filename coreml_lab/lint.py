@@ -9,7 +9,7 @@ Static checks and their sources:
   published): strides above 4 or with more than two prime factors are flagged.
 * Neural-Engine-hostile ops: control flow, dynamic shapes, NMS/top-k/sort post-processing and
   gather_nd/scatter_nd keep work off the NE (field reports and Apple's deployment guidance; the
-  exact list is not published - see ``emulator.profiles.NE_UNSUPPORTED_OPS``).
+  exact list is not published - see ``emulator.neural_engine.NE_UNSUPPORTED_OPS``).
 * Output post-processing (reshape/slice/transpose/gather right before an output): reported to
   move models off the NE; keep it in app code.
 * Tensors of rank above 5 (the NE handles up to rank 5; uncertain).
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .convert import Conversion
-from .emulator.profiles import NE_UNSUPPORTED_OPS
+from .emulator.neural_engine import NE_UNSUPPORTED_OPS
 from .emulator.program import walk_ops
 
 POSTPROCESS_OPS = {"reshape", "transpose", "slice_by_index", "slice_by_size", "gather", "gather_along_axis",

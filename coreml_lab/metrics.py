@@ -14,7 +14,8 @@ When ``a`` has non-finite values where ``r`` is finite, the error metrics are
 ``inf`` (errors) and ``-inf`` (dB): a NaN output is never "close". A perfect
 match gives ``inf`` dB. Sums accumulate in float64; each tensor's own pass is FP32
 (vectorised torch; pairs with an inf/NaN on either side are counted, not summed), float64
-only if FP32 sums would overflow.
+only if FP32 sums would overflow. The histogram of the same differences is
+:mod:`.error_histogram`'s; the fast whole-tensor passes are :mod:`.tensor_passes`'.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .error_histogram import ErrorHistogram
+from .tensor_passes import finite, max_abs, only_where, paired_flat, storage_order
+from .tensor_passes import largest_finite as largest_finite  # re-exported: the statistics read it here
+
 #: the smallest FP16 subnormal (fp16.FP16_MIN_SUBNORMAL; metrics sits below fp16 in the layers)
 FP16_MIN_SUBNORMAL = 2.0 ** -24
 
-#: histogram bin edges of log10 |a - r| (exact matches and non-finite values are counted apart)
-HIST_EDGES = np.arange(-12.0, 4.01, 0.25)
 
 
 def _db(num: float, den: float) -> float:
@@ -248,53 +251,6 @@ def reference_sums(r: torch.Tensor) -> tuple[float, float]:
     return float(torch.dot(r, r)), max_abs(r)
 
 
-def storage_order(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 1-d view in memory order when it is dense (a transposed view needs no copy);
-    otherwise flattened with a copy. For whole-tensor sums, where order does not matter."""
-    if t.is_contiguous():
-        return t.view(-1)
-    perm = sorted(range(t.ndim), key=lambda i: -t.stride(i))
-    p = t.permute(perm)
-    return p.view(-1) if p.is_contiguous() else t.reshape(-1)
-
-
-def paired_flat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-d views of two same-sized tensors whose elements pair up.
-
-    Emulated values are often views (a transpose in the diagnosed program is a transpose in
-    the reference too): when both share one dense layout they are read in memory order,
-    without the slow strided copy that flattening in logical order would make.
-    """
-    if a.shape == b.shape and a.stride() == b.stride():
-        return storage_order(a), storage_order(b)  # same layout: the same order, view or copy
-    return a.reshape(-1), b.reshape(-1)
-
-
-def max_abs(t: torch.Tensor) -> float:
-    """max |t| in one pass (torch's vector_norm(inf) is several times slower on CPU)."""
-    if not t.numel():
-        return 0.0
-    lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi))
-
-
-def finite(t: torch.Tensor) -> torch.Tensor:
-    """Mask of the finite elements of a floating tensor: ``|t| < inf`` (NaN compares False),
-    two passes where ``torch.isfinite`` makes several on CPU."""
-    return t.abs() < math.inf
-
-
-def only_where(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` where ``mask`` holds, 0 elsewhere: pairs left out of a comparison are zeroed (they then
-    add nothing to sums or maxima of |.|) rather than gathered, which is a slow copy on CPU."""
-    return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
-
-
-def largest_finite(t: torch.Tensor) -> float:
-    """max |t| over the finite elements (0 if none), without gathering them."""
-    return max_abs(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
-
-
 class DiffStats:
     """Light divergence between two results (compute-unit pairs): max |a - b| relative to max |b|."""
 
@@ -348,90 +304,3 @@ def compare(a, r, classifier: bool | None = None) -> dict:
     s = ErrorStats()
     s.add(a, r, classifier)
     return s.result()
-
-
-class ErrorHistogram:
-    """Counts of log10 |a - r| in :data:`HIST_EDGES` bins, plus exact matches and non-finite values.
-
-    Tensors of more than :attr:`SAMPLE` values contribute an evenly strided sample of them (the
-    shape of a distribution needs no more); the metrics of :class:`ErrorStats` use every value.
-    """
-
-    SAMPLE = 4096
-
-    def __init__(self):
-        self.counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
-        self.exact = 0
-        self.nonfinite = 0
-        self.below = 0
-        self.above = 0
-
-    @classmethod
-    def sampled_count(cls, n: int) -> int:
-        """How many of ``n`` values :meth:`sample` keeps."""
-        return len(range(0, n, n // cls.SAMPLE)) if n > cls.SAMPLE else n
-
-    @classmethod
-    def sample(cls, x):
-        """The values a tensor contributes: all, or every ``len // SAMPLE``-th one."""
-        n = x.shape[0]
-        return x[::n // cls.SAMPLE] if n > cls.SAMPLE else x
-
-    def add(self, a, r) -> None:
-        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor) and a.numel() == r.numel():
-            a, r = paired_flat(a.detach(), r.detach())
-            a, r = self.sample(a).float(), self.sample(r).float()
-            if not math.isfinite(float(r.sum())):  # inf/NaN propagate into the sum: mask only then
-                ok = torch.isfinite(r)
-                a, r = a[ok], r[ok]
-            if not math.isfinite(float(a.sum())):
-                fin = torch.isfinite(a)
-                self.nonfinite += int((~fin).sum())
-                a, r = a[fin], r[fin]
-            self._add_abs(torch.sub(a, r).abs_())
-            return
-        a = self.sample(np.asarray(a).reshape(-1)).astype(np.float64)
-        r = self.sample(np.asarray(r).reshape(-1)).astype(np.float64)
-        ok = np.isfinite(r)
-        a, r = a[ok], r[ok]
-        fin = np.isfinite(a)
-        self.nonfinite += int((~fin).sum())
-        d = np.abs(a[fin] - r[fin])
-        self.exact += int((d == 0).sum())
-        d = d[d > 0]
-        logd = np.log10(d)
-        self.below += int((logd < HIST_EDGES[0]).sum())
-        self.above += int((logd >= HIST_EDGES[-1]).sum())
-        self.counts += np.histogram(logd, bins=HIST_EDGES)[0]
-
-    def add_abs_diff(self, d: torch.Tensor) -> None:
-        """Add finite absolute differences |a - r| (flat FP32), sampled like :meth:`add`."""
-        self._add_abs(self.sample(d).contiguous())  # numpy's log10 is vectorised on dense arrays only
-
-    def _add_abs(self, d: torch.Tensor) -> None:
-        # one bincount over slots: 0 = exact or below the first edge, 1..bins = the bins,
-        # bins+1 = at or above the last edge (numpy: a few thousand values, no thread start-up)
-        d = d.numpy()
-        bins = len(HIST_EDGES) - 1
-        pos = np.log10(np.maximum(d, np.float32(1e-30)))  # 0 (exact) lands below the first edge
-        pos -= HIST_EDGES[0]
-        pos *= 1.0 / (HIST_EDGES[1] - HIST_EDGES[0])
-        pos += 1.0
-        np.clip(pos, 0, bins + 1, out=pos)  # truncation below is floor (pos >= 0)
-        slots = np.bincount(pos.astype(np.intp), minlength=bins + 2)
-        exact = int(np.count_nonzero(d == 0))
-        self.exact += exact
-        self.below += int(slots[0]) - exact
-        self.counts += slots[1:bins + 1]
-        self.above += int(slots[bins + 1])
-
-    def merge(self, other: ErrorHistogram) -> None:
-        self.counts += other.counts
-        self.exact += other.exact
-        self.nonfinite += other.nonfinite
-        self.below += other.below
-        self.above += other.above
-
-    def to_dict(self) -> dict:
-        return {"counts": self.counts.tolist(), "exact": self.exact, "nonfinite": self.nonfinite,
-                "below": self.below, "above": self.above}

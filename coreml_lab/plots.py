@@ -13,8 +13,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .error_histogram import HIST_EDGES
 from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL
-from .metrics import HIST_EDGES
 
 CU_COLORS = {"CPU_ONLY": "#1f77b4", "CPU_AND_GPU": "#2ca02c", "CPU_AND_NE": "#d62728", "ALL": "#9467bd"}
 METRIC_LABELS = {

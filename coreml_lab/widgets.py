@@ -285,7 +285,7 @@ class Lab:
                        if m.explanation else "") + "</li>" for m in report.messages]
             display(W.HTML("<ul>" + "".join(rows) + "</ul>" if rows else "<i>no messages</i>"))
         with outs["Fixes"]:
-            from .fixes import suggest_fixes
+            from .suggestions import suggest_fixes
 
             tips = suggest_fixes(report, verify=False) if report.ok else []
             items = "".join(f"<li><b>{html.escape(t.title)}</b>: <code>{html.escape(t.change)}</code> - "

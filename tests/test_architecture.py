@@ -98,13 +98,14 @@ def test_the_cycle_finder_finds_a_cycle_and_reads_the_package():
 #: or those below it (within a layer, the cycle test keeps the arrows one way).
 LAYERS = {
     "entry points": ["coreml_lab", "cli", "widgets"],
-    "workflows": ["targets", "compression_fix", "fixes", "fp32_regions", "lint"],
+    "workflows": ["targets", "suggestions", "compression_fix", "fixes", "fp32_regions", "lint"],
     "diagnosis": ["diagnosis"],
     "diagnosis parts": ["compression_report", "local_error", "statistics", "output_statistics", "pairing", "report"],
     "conversion, runs, report parts": ["packages", "convert", "mapping", "sources", "states", "runtime", "reference",
                                        "fp16", "culprits", "bundle", "plots", "htmlreport", "report_tables"],
-    "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
-                    "traceable", "torch_ops", "compression", "compressed_weights", "exercises"],
+    "foundations": ["emulator", "metrics", "error_histogram", "tensor_passes", "environment", "feeds", "options",
+                    "messages", "onnx_recurrent", "traceable", "torch_ops", "compression", "compressed_weights",
+                    "exercises"],
 }
 
 

@@ -9,12 +9,11 @@ through the emulator step by step too.
 
 from __future__ import annotations
 
-import warnings
-
 import coremltools as ct
 import numpy as np
 import pytest
 import torch
+from stateful_models import Accumulate, accumulate_package
 
 import coreml_lab as cl
 import sample_models
@@ -283,35 +282,11 @@ def test_fp16_overflow_config_goes_wrong_after_several_steps_and_the_fix_holds(c
 
 # ----------------------------------------------------------------------------- plain coremltools
 
-class _Accumulate(torch.nn.Module):
-    """Apple's stateful-model guide pattern: an FP16 buffer updated in place, read back."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("k_cache", torch.zeros(1, 6, 4, dtype=torch.float16))
-        self.proj = torch.nn.Linear(4, 4)
-
-    def forward(self, x, pos):
-        p = pos[0]
-        self.k_cache[:, p:p + 1] = self.proj(x).half()
-        return self.k_cache.float().sum(1) + x[:, 0]
-
-
 def test_stateful_package_from_plain_coremltools_steps_in_the_emulator(tmp_path):
     torch.manual_seed(0)
-    model = _Accumulate().eval()
+    model = Accumulate().eval()
     example = (torch.randn(1, 1, 4), torch.tensor([0], dtype=torch.int32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
-        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 1, 4)),
-                                        ct.TensorType(name="pos", shape=(1,), dtype=np.int32)],
-                        states=[ct.StateType(wrapped_type=ct.TensorType(shape=(1, 6, 4), dtype=np.float16),
-                                             name="k_cache")],
-                        minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT32)
-    path = tmp_path / "acc.mlpackage"
-    ml.save(str(path))
+    path = accumulate_package(model, example, tmp_path / "acc.mlpackage", compute_precision=ct.precision.FLOAT32)
     model.k_cache.zero_()
     xs = [torch.randn(1, 1, 4) for _ in range(6)]
     for cu in CUS:

@@ -8,13 +8,10 @@ the fix is verified the same way.
 
 from __future__ import annotations
 
-import warnings
-
-import coremltools as ct
-import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from stateful_models import Accumulate, accumulate_package
 
 import coreml_lab as cl
 import sample_models
@@ -132,32 +129,11 @@ def test_a_state_shape_mismatch_names_the_expected_states():
         StepStates.of(ref, {"CPU_ONLY": ref}, other, conv)
 
 
-class _Accumulate(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("k_cache", torch.zeros(1, 6, 4, dtype=torch.float16))
-        self.proj = torch.nn.Linear(4, 4)
-
-    def forward(self, x, pos):
-        p = pos[0]
-        self.k_cache[:, p:p + 1] = self.proj(x).half()
-        return self.k_cache.float().sum(1) * 3.0 + x[:, 0]
-
-
 def test_a_stateful_package_made_with_plain_coremltools_is_diagnosed_step_by_step(tmp_path):
     torch.manual_seed(0)
-    model = _Accumulate().eval()
+    model = Accumulate(gain=3.0).eval()
     example = (torch.randn(1, 1, 4), torch.tensor([0], dtype=torch.int32))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False)
-        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 1, 4)),
-                                        ct.TensorType(name="pos", shape=(1,), dtype=np.int32)],
-                        states=[ct.StateType(wrapped_type=ct.TensorType(shape=(1, 6, 4), dtype=np.float16),
-                                             name="k_cache")],
-                        minimum_deployment_target=ct.target.iOS18)
-    path = tmp_path / "acc.mlpackage"
-    ml.save(str(path))
+    path = accumulate_package(model, example, tmp_path / "acc.mlpackage")
     g = torch.Generator().manual_seed(1)
     steps = [{"x": torch.randn(1, 1, 4, generator=g), "pos": torch.tensor([i], dtype=torch.int32)} for i in range(6)]
     rep = cl.diagnose(str(path), {"x": example[0].numpy(), "pos": example[1].numpy()}, steps=steps, progress=False)

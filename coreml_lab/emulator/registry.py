@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .profiles import FAMILIES
+from .device import FAMILIES
 
 #: Opsets the emulator targets (ML Programs start at iOS15).
 OPSETS = ("iOS15", "iOS16", "iOS17", "iOS18")

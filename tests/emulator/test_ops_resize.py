@@ -25,6 +25,7 @@ from coremltools.converters.mil import Builder as mb
 from opcheck import FakeOpCall, Fn, check_mil_outputs, check_torch_op, op_types
 
 from coreml_lab.emulator import EmulatedModel
+from coreml_lab.emulator.ops import resample as resample_ops
 from coreml_lab.emulator.ops import resize as resize_ops
 
 # FP32 atol 1e-5 and a shape check on every output; FP16 atol 1e-2 * max|want|
@@ -584,6 +585,6 @@ def test_bad_modes_raise_value_error_naming_input():
                            resize_ops._SAMPLING_MODES)
     with pytest.raises(ValueError, match="resample input 'padding_mode' is 'wrap'"):
         resize_ops._choice(FakeOpCall("resample", padding_mode="wrap"), "padding_mode",
-                           resize_ops._PADDING_MODES, lower=True)
+                           resample_ops._PADDING_MODES, lower=True)
     assert resize_ops._choice(FakeOpCall("affine", sampling_mode="Bilinear"), "sampling_mode",
                               ("bilinear", "nearest"), lower=True) == "bilinear"

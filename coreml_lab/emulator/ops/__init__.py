@@ -1,4 +1,4 @@
-"""Kernels, one module per MIL op family; importing this package registers them all."""
+"""Kernels, one module per MIL op family (two for the large ones); importing this package registers them all."""
 
 from . import (  # noqa: F401
     activation,
@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     pool,
     recurrent,
     reduction,
+    resample,
     resize,
     scatter_gather,
     shape,
