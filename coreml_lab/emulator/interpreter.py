@@ -284,6 +284,19 @@ class BlockPlan:
             self.interpreter.last_peak_live = peak
 
 
+#: a converted copy of a constant at least this large is dropped once a lockstep run has passed
+#: its step (:func:`release_converted`): an FP16 program's weights widened to FP32 for the CPU or
+#: the GPU are not held beside the FP16 ones for the whole run
+RELEASE_MIN_BYTES = 1 << 20
+
+
+def release_converted(step: Step, min_bytes: int = RELEASE_MIN_BYTES) -> None:
+    """Drop the dtype-converted copies of ``step``'s large constants (made again when next needed)."""
+    for src in step.sources():
+        if isinstance(src, Const):
+            src.release(min_bytes)
+
+
 def _step_uses(step: Step) -> set[str]:
     names = {s for s in step.sources() if isinstance(s, str)}
     for plan in step.blocks:

@@ -24,7 +24,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .interpreter import Interpreter, Step
+from .interpreter import Interpreter, Step, release_converted
 from .opcall import Const
 
 
@@ -199,11 +199,13 @@ class SharedRun:
         return values
 
     def free(self, index: int) -> None:
-        """Drop the values whose last use was step ``index``."""
+        """Drop the values whose last use was step ``index``, and the converted copies of its large
+        constants (weights widened for a unit are held one step at a time, not for the whole run)."""
         for cu, plan in self.plans.items():
             env = self.envs[cu]
             for name in plan.steps[index].frees:
                 env.pop(name, None)
+            release_converted(plan.steps[index])
 
     def finish(self) -> dict:
         """Each unit's program outputs (unit -> output name -> value); ends the run."""
@@ -279,6 +281,7 @@ class Lockstep:
                     if remaining.get(name):
                         store[name] = v
                     yield from on_reference(rstep, name, v)
+                release_converted(rstep)
             values = self.units.step(index, take_reference)
             on_step(index, step, values, {k: store.get(k) for k in keys})
             self.units.free(index)
@@ -289,6 +292,7 @@ class Lockstep:
         for rstep, rvalues in ref_iter:
             for (name, _, _), v in zip(rstep.outputs, rvalues):
                 yield from on_reference(rstep, name, v)
+            release_converted(rstep)
         return self.ref.last_outputs, self.units.finish()
 
 

@@ -175,7 +175,8 @@ def mac_port(y: torch.Tensor, bias: torch.Tensor | None = None, bias_shape=None,
     """A Neural Engine multiply-accumulate output: ``y`` (the wide sum) rounded to FP16, then
     denormals flushed to +0 (``flush_denormals``), then every magnitude >= 2^15 made inf
     (``ceiling``: 32,752 stays finite, 32,768 is inf), then ``bias`` (viewed as ``bias_shape``)
-    added in FP16 (or in y's dtype before rounding when not ``bias_fp16``)."""
+    added in FP16 (or in y's dtype before rounding when not ``bias_fp16``). ``y`` must be the caller's
+    own fresh result: the bias may be added into it in place."""
     if bias is not None and not bias_fp16:
         y = y + bias.to(y.dtype).view(bias_shape if bias_shape is not None else bias.shape)
         bias = None
@@ -187,6 +188,6 @@ def mac_port(y: torch.Tensor, bias: torch.Tensor | None = None, bias_shape=None,
         if not (hi < 32768.0 and lo > -32768.0):  # (NaN compares False: take the slow path)
             # exact in FP16 below the ceiling: doubling overflows to inf exactly when |y| >= 2^15
             y = (y * 2.0) * 0.5
-    if bias is not None:
-        y = y + bias.to(FP16).view(bias_shape if bias_shape is not None else bias.shape)
+    if bias is not None:  # into y in place: y is the kernel's fresh sum, or made above
+        y = y.add_(bias.to(FP16).view(bias_shape if bias_shape is not None else bias.shape))
     return y

@@ -36,6 +36,14 @@ class Const:
             self._tensors[dtype] = t
         return t
 
+    def release(self, min_bytes: int = 0) -> None:
+        """Drop the converted copies (another dtype than the value's) of at least ``min_bytes``;
+        :meth:`tensor` makes them again when asked. The value's own tensor stays."""
+        base = self._tensors.get(None)
+        for dtype, t in list(self._tensors.items()):
+            if t is not base and t.numel() * t.element_size() >= min_bytes:
+                del self._tensors[dtype]
+
 
 class OpCall:
     """What a kernel sees: the op, its inputs, and the precision it must follow.

@@ -113,3 +113,40 @@ def test_shared_run_refuses_interpreters_of_different_programs():
         SharedRun({"A": a, "B": b})
     with pytest.raises(ValueError, match="at least one"):
         SharedRun({})
+
+
+def test_a_lockstep_run_holds_widened_weights_one_step_at_a_time():
+    """An FP16 weight widened to FP32 (CPU, GPU) is dropped once the run has passed its step (memory
+    of a real-size diagnosis); a plain run keeps it for the next predict. Results are the same."""
+    import coremltools as ct
+
+    from coreml_lab.emulator.interpreter import RELEASE_MIN_BYTES, Interpreter
+    from coreml_lab.emulator.opcall import Const
+
+    n = 512  # 512 x 512 FP16 weight: 1 MiB once widened to FP32
+    weight = (RNG.standard_normal((n, n)) / n).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, n))], opset_version=ct.target.iOS17)
+    def prog(x):
+        h = mb.linear(x=mb.cast(x=x, dtype="fp16"), weight=weight)
+        return mb.cast(x=mb.relu(x=h), dtype="fp32")
+
+    function = prog.functions["main"]
+    x = torch.from_numpy(RNG.standard_normal((2, n)).astype(np.float32))
+    units = {cu: Interpreter(function, PROFILES[cu]) for cu in ("CPU_ONLY", "CPU_AND_GPU")}
+    (big,) = [c for c in units["CPU_ONLY"].consts.values() if isinstance(c, Const) and np.size(c.value) == n * n]
+    assert n * n * 4 >= RELEASE_MIN_BYTES
+
+    plain = {cu: interp.run({"x": x}) for cu, interp in units.items()}
+    assert torch.float32 in big._tensors  # a plain run keeps the widened copy for the next one
+
+    run = SharedRun(units)
+    run.start({cu: {"x": x} for cu in units})
+    for index in range(run.n_steps):
+        run.step(index)
+        run.free(index)
+    assert list(big._tensors) == [None] and big._tensors[None].dtype == torch.float16
+    outs = run.finish()
+    for cu in units:
+        for name, value in plain[cu].items():
+            assert torch.equal(outs[cu][name], value)

@@ -45,14 +45,16 @@ def _common_float(call, *ts):
 def mac_output(call, y: torch.Tensor, bias=None, bias_shape=None, taps: int = 2):
     """``y`` (+ bias) through the Neural Engine's multiply-accumulate output port where the device
     has one (the NE_RULES mac_ceiling_2p15 / mac_flush_denormals / bias_fp16_add), else plain
-    ``y + bias``. ``taps`` is the number of accumulated terms: the ceiling needs two or more."""
+    ``y + bias``. ``taps`` is the number of accumulated terms: the ceiling needs two or more.
+    ``y`` is the kernel's own fresh result: the bias is added into it in place (the same
+    arithmetic as ``y + bias``, without a second output-sized tensor)."""
     ceiling = call.hazard("mac_ceiling_2p15") and taps >= 2
     flush = call.hazard("mac_flush_denormals")
     bias16 = call.hazard("bias_fp16_add")
     if not (ceiling or flush or bias16):
         if bias is None:
             return y
-        return y + bias.to(y.dtype).view(bias_shape if bias_shape is not None else bias.shape)
+        return y.add_(bias.to(y.dtype).view(bias_shape if bias_shape is not None else bias.shape))
     return numerics.mac_port(y, bias, bias_shape, ceiling=ceiling, flush_denormals=flush, bias_fp16=bias16)
 
 
