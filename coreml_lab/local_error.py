@@ -13,6 +13,8 @@ a note in the Report names the op, the units and the reason.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .emulator.lockstep import share_key, var_input_names
@@ -159,13 +161,26 @@ class LocalErrors:
 def _shape_mismatch(op, env: dict) -> tuple | None:
     """(input name, declared shape, reference shape) of the first input whose statically declared
     shape differs from the reference value it is paired with; None when all agree."""
-    for var in op.inputs.values():
-        for v in (var if isinstance(var, (list, tuple)) else (var,)):
-            value = env.get(v.name)
-            shape = getattr(v, "shape", None)
-            if not isinstance(value, torch.Tensor) or shape is None or not all(isinstance(d, int) for d in shape):
-                continue
-            if tuple(shape) != tuple(value.shape) and value.numel() != 1:
-                return v.name, tuple(shape), tuple(value.shape)
+    for name, shape in _static_shapes(op):
+        value = env.get(name)
+        if isinstance(value, torch.Tensor) and shape != tuple(value.shape) and value.numel() != 1:
+            return name, shape, tuple(value.shape)
     return None
+
+
+#: op -> its inputs' statically declared shapes (a MIL var works its shape out anew on every read)
+_STATIC_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_shapes(op) -> tuple:
+    shapes = _STATIC_SHAPES.get(op)
+    if shapes is None:
+        found = []
+        for var in op.inputs.values():
+            for v in (var if isinstance(var, (list, tuple)) else (var,)):
+                shape = getattr(v, "shape", None)
+                if shape is not None and all(isinstance(d, int) for d in shape):
+                    found.append((v.name, tuple(shape)))
+        shapes = _STATIC_SHAPES[op] = tuple(found)
+    return shapes
 
