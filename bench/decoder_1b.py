@@ -1,13 +1,13 @@
 """A 1B-parameter LLaMA-style decoder converted and diagnosed: time of each phase and peak memory.
 
-    python bench/decoder_1b.py [--layers 16 --hidden 2048 --intermediate 5632 --heads 32
+    python bench/decoder_1b.py [--layers 16 --hidden 2048 --intermediate 8192 --heads 32
                                 --vocab 32000 --tokens 128] [--plain] [--cache DIR] [--json out.json]
 
 The decoder is written here in plain torch (no ``transformers``: no package decides its
 shape): token embedding, ``layers`` pre-norm blocks of RMSNorm, multi-head causal attention
 with rotary position embeddings and a SwiGLU MLP, a final RMSNorm and an untied LM head;
 random weights (LLaMA's normal init, std 0.02), created once in FP32 and never copied
-(no gradients). At the defaults it has about 0.95 billion parameters (3.8 GB in FP32).
+(no gradients). At the defaults it has about 1.2 billion parameters (4.8 GB in FP32; the shape of LLaMA 3.2 1B with a 32,000-token vocabulary).
 
 Phases, each timed, with the process's peak resident memory during it (``bench/rss.py``):
 build; torch forward of ``tokens`` tokens (median of ``--forwards``; the resident memory
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, help="MLP width (default: 2.75 x hidden, 5632 at 2048)")
+    ap.add_argument("--intermediate", type=int, help="MLP width (default: 4 x hidden, 8192 at 2048 as in LLaMA 3.2 1B)")
     ap.add_argument("--heads", type=int, help="attention heads (default: hidden / 64, 32 at 2048)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--tokens", type=int, default=128)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, help="conversion cache directory (default: a new one, removed after)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    intermediate = args.intermediate or round(2.75 * args.hidden)
+    intermediate = args.intermediate or 4 * args.hidden
     heads = args.heads or max(1, args.hidden // 64)
     if min(args.layers, args.hidden, intermediate, heads, args.vocab, args.tokens, args.forwards) < 1:
         raise SystemExit("--layers, --hidden, --intermediate, --heads, --vocab, --tokens and --forwards must be >= 1")
