@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from . import packages
 from . import runtime as rt
 from .compression_report import compression_table, mark_layers, original_weights
-from .convert import Conversion, ConversionError, convert, prepare
+from .conversion import Conversion, ConversionError
+from .convert import convert, prepare
 from .emulator.lockstep import Lockstep, var_input_names
 from .emulator.profiles import EXACT_FP32, PROFILES, get_profile, profile_label
 from .feeds import dataset

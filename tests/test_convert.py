@@ -165,7 +165,7 @@ def test_damaged_cache_entry_is_a_miss(fresh_cache):
     model, inputs = tiny()
     first = cl.convert(model, inputs, cl.ConversionOptions())
     (fresh_cache / first.cache_key / "meta.json").write_text("{not json")
-    importlib.import_module("coreml_lab.convert")._RECENT.clear()  # as in a new process
+    importlib.import_module("coreml_lab.conversion_cache")._RECENT.clear()  # as in a new process
     with pytest.warns(UserWarning, match="damaged"):
         again = cl.convert(model, inputs, cl.ConversionOptions())
     assert not again.from_cache
