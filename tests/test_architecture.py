@@ -101,9 +101,9 @@ LAYERS = {
     "workflows": ["targets", "compression_fix", "fixes", "fp32_regions", "lint"],
     "diagnosis": ["diagnosis"],
     "diagnosis parts": ["compression_report", "local_error", "statistics", "pairing", "report"],
-    "conversion, runs, report parts": ["packages", "convert", "conversion_cache", "conversion", "mapping", "sources",
-                                       "states", "runtime", "reference", "fp16", "culprits", "bundle", "plots",
-                                       "htmlreport"],
+    "conversion, runs, report parts": ["packages", "convert", "derivation", "conversion_cache", "conversion",
+                                       "mapping", "sources", "states", "runtime", "reference", "fp16", "culprits",
+                                       "bundle", "plots", "htmlreport"],
     "foundations": ["emulator", "metrics", "environment", "feeds", "options", "messages", "onnx_recurrent",
                     "traceable", "torch_ops", "compression", "compressed_weights", "exercises"],
 }
