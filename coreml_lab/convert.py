@@ -201,6 +201,9 @@ def _from_torch(prep: Prepared, options, ct_inputs, ct_states, named_outputs, la
 def _derived(reference: Conversion, options: ConversionOptions) -> tuple[tuple | None, list]:
     """((mlmodel, wall time, captured messages) or None, [the note saying how]): the program of ``options``
     made from the FP32 ``reference`` (:mod:`.derivation`); None (converted again from torch) where it cannot."""
+    if options.precision == "fp32":  # compressed: the FP32 conversion itself is compressed (a new model)
+        return (reference.mlmodel, 0.0, []), [msgs.make("info", "the FP32 conversion, compressed (one conversion "
+                                                        "from torch)", "coreml_lab")]
     reason = derivation.derivable(options)
     if reason is None:
         with msgs.capture() as captured:

@@ -42,16 +42,19 @@ def fp16_passes() -> list[str]:
 
 
 def wanted(options: ConversionOptions, source_kind: str) -> bool:
-    """Whether a conversion of ``options`` from a ``source_kind`` source is made from its FP32 conversion."""
-    return options.convert_to == "mlprogram" and options.precision != "fp32" and source_kind != "mlpackage"
+    """Whether a conversion of ``options`` from a ``source_kind`` source is made from its FP32 conversion:
+    FP16 or mixed ML Programs (derived), and FP32 ones that are compressed (the FP32 conversion, compressed)."""
+    return options.convert_to == "mlprogram" and source_kind != "mlpackage" and (
+        options.precision != "fp32" or options.compression is not None)
 
 
 def derivable(options: ConversionOptions) -> str | None:
     """Why ``options`` cannot be derived from their FP32 conversion (None when they can)."""
     if options.convert_to != "mlprogram":
         return "the derivation makes ML Programs only"
-    if options.precision == "fp32":
-        return "FP32 options are the FP32 conversion itself"
+    if options.precision == "mixed":
+        return ("fp32_ops name ops as a direct conversion names them, and a few ops coremltools names itself "
+                "are named apart in a derived program")
     if _default_fp16_io(options):
         untyped = [s.name for s in (options.inputs or ()) if isinstance(s, (TensorType, StateType))
                    and getattr(s, "dtype", None) is None]

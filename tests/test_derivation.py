@@ -69,15 +69,16 @@ def test_derived_fp16_program_is_the_direct_fp16_conversion(name, counted):
     _assert_same_program(conv.program, _direct(model, inputs, cl.ConversionOptions())._mil_program)
 
 
-def test_mixed_precision_is_derived_with_the_users_op_selector():
+def test_mixed_precision_is_converted_from_torch_with_the_users_op_selector(counted):
     model, inputs, _ = sample_models.build("deep_residual")
     fp32 = cl.convert(model, inputs, cl.ConversionOptions(precision="fp32"), cache=False)
     convs = [op.name for op in walk_ops(fp32.program, nested=False) if op.op_type == "conv"]
     options = cl.ConversionOptions(precision="mixed", fp32_ops=tuple(convs[:2]))
+    counted.clear()
     conv = cl.convert(model, inputs, options, cache=False)
-    assert conv.reference is not None
-    direct = _direct(model, inputs, options)._mil_program
-    _assert_same_program(conv.program, direct)
+    assert counted == ["torch", "torch"] and conv.reference is not None
+    assert any("second time" in m.text and "fp32_ops" in m.text for m in conv.messages)
+    _assert_same_program(conv.program, _direct(model, inputs, options)._mil_program)
     kept = [op for op in walk_ops(conv.program, nested=False) if op.op_type == "conv" and op.outputs[0].dtype
             == ct.converters.mil.mil.types.fp32]
     assert len(kept) == 2
@@ -143,3 +144,14 @@ def test_the_references_scope_layer_map_names_every_module_the_op_mapping_helper
     scopes = cl.convert(None, options=options, prepared=prep, cache=False).layer_map()
     assert helper.source == "coremltools" and scopes.source == "scopes"
     assert set(helper.module_outputs) <= set(scopes.module_outputs)
+
+
+def test_a_compressed_fp32_conversion_is_the_reference_compressed(counted):
+    model, inputs, _ = sample_models.build("compression_outlier")
+    options = cl.ConversionOptions(precision="fp32", compression="palettize4", target="iOS18")
+    conv = cl.convert(model, inputs, options, cache=False)
+    assert counted.count("torch") == 1  # (coremltools' compression converts the compressed MIL program itself)
+    assert conv.reference is not None and conv.reference.options.compression is None
+    assert any(op.op_type.startswith("constexpr_") for op in walk_ops(conv.program, nested=False, consts=True))
+    assert not any(op.op_type.startswith("constexpr_")
+                   for op in walk_ops(conv.reference.program, nested=False, consts=True))
