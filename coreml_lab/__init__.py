@@ -9,7 +9,8 @@ _import_messages()  # capture what coremltools logs at import time, before anyth
 
 from .bundle import compare_reports  # noqa: E402
 from .compression_fix import CompressionFix, find_uncompressed_ops  # noqa: E402
-from .convert import Conversion, ConversionError, convert  # noqa: E402
+from .conversion import Conversion, ConversionError  # noqa: E402
+from .convert import convert  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
 from .fixes import MixedPrecisionFix, find_fp32_ops  # noqa: E402
 from .lint import lint  # noqa: E402

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from .compressed_weights import describe
 from .compression import Compression, more_bits_config, op_config_fields
-from .convert import Conversion, convert
+from .conversion import Conversion
+from .convert import convert
 from .emulator.program import mil_program
 from .fixes import measure, prepared_reference
 from .options import ConversionOptions, as_options

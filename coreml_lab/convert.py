@@ -1,277 +1,37 @@
 """convert(): one call from a model and example inputs to a Core ML model and everything learned on the way.
 
-A :class:`Conversion` keeps the MLModel, its MIL program, the spec version, the
-options, the wall time, and every warning and log line coremltools emitted (each
-explained where it is a known message). Conversions are cached on disk by a key
-of (model graph and weights, input specs, options, library versions): re-running
-a notebook cell with the same options is near-instant, and any change to the
-model's code or weights misses the cache.
+The result is a :class:`~.conversion.Conversion` (model, program, messages); conversions are
+cached (:mod:`.conversion_cache`). :func:`prepare` traces or exports a model once, so that
+several conversions of it share the trace.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import coremltools as ct
-import numpy as np
 import torch
 
+from . import conversion_cache as cache_store
+from . import derivation, torch_ops
 from . import messages as msgs
 from . import states as model_states
-from . import torch_ops
+from .conversion import Conversion, ConversionError
+from .conversion_cache import cache_dir, clear_cache, fingerprint
 from .emulator.program import mil_program, walk_ops
 from .messages import Message
 from .options import ConversionOptions, as_options
 from .sources import ExampleInputs, Source, load_source
 
-CACHE_FORMAT = 1
+__all__ = ["convert", "prepare", "Prepared", "Conversion", "ConversionError", "cache_dir", "clear_cache",
+           "fingerprint"]
 
-
-class ConversionError(RuntimeError):
-    """coremltools could not convert the model; carries the captured messages and an explanation."""
-
-    def __init__(self, text: str, messages: list[Message], options: ConversionOptions, method: str):
-        self.messages = messages
-        self.options = options
-        self.method = method
-        self.explanation = msgs.explain(text)
-        hint = f"\n  -> {self.explanation.title}: {self.explanation.fix}" if self.explanation else ""
-        super().__init__(f"conversion failed ({method}, {options.precision}, {options.target}): {text}{hint}")
-
-
-@dataclass
-class Conversion:
-    """The result of :func:`convert`.
-
-    method: how the model became MIL - ``torch.jit.trace``, ``torch.export``,
-    ``torchscript``, ``exported_program``, ``onnx2torch+torch.jit.trace`` or ``loaded``.
-    """
-
-    mlmodel: Any
-    program: Any
-    options: ConversionOptions
-    spec_version: int
-    wall_time: float
-    messages: list
-    method: str
-    source_kind: str
-    example_inputs: ExampleInputs | None = None
-    cache_key: str | None = None
-    from_cache: bool = False
-    onnx_path: Path | None = None
-    source: Source | None = field(default=None, repr=False)
-    #: the trace/export this conversion came from (lets diagnose() convert siblings without re-tracing)
-    prepared: Any = field(default=None, repr=False, compare=False)
-    #: MIL output name -> enclosing torch module paths, innermost first (coremltools' op mapping)
-    layer_chains: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def explained(self) -> list[Message]:
-        return [m for m in self.messages if m.explanation is not None]
-
-    def layer_map(self):
-        """Which torch module produced each MIL op, and which op carries each module's output."""
-        from .mapping import build_layer_map
-
-        module = self.source.module if self.source is not None else None
-        return build_layer_map(self.program, module, self.layer_chains)
-
-    def op_types(self) -> dict[str, int]:
-        """Count of each MIL op type (nested blocks included, consts excluded)."""
-        counts: dict[str, int] = {}
-        for op in walk_ops(self.program, nested=True):
-            counts[op.op_type] = counts.get(op.op_type, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def io_dtypes(self) -> tuple[dict, dict]:
-        """(input name -> dtype, output name -> dtype) as the model description declares them."""
-        return _io_dtypes(self.mlmodel.get_spec())
-
-    def summary(self) -> str:
-        lines = [f"{self.method} -> {self.options.convert_to} ({self.options.precision}, target {self.options.target}, "
-                 f"spec {self.spec_version}) in {self.wall_time:.2f}s{' [cached]' if self.from_cache else ''}"]
-        for m in self.explained:
-            lines.append(f"  {m.explanation.title}: {m.text[:120]}")
-        return "\n".join(lines)
-
-
-def _io_dtypes(spec) -> tuple[dict, dict]:
-    from coremltools.proto import FeatureTypes_pb2 as ft
-
-    def kind(f):
-        which = f.type.WhichOneof("Type")
-        if which == "multiArrayType":
-            return ft.ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType)
-        if which == "imageType":
-            return "IMAGE_" + ft.ImageFeatureType.ColorSpace.Name(f.type.imageType.colorSpace)
-        return which
-
-    return ({f.name: kind(f) for f in spec.description.input}, {f.name: kind(f) for f in spec.description.output})
-
-
-# ---------------------------------------------------------------------------- cache
-
-def cache_dir() -> Path:
-    """Where conversions are cached: $COREML_LAB_CACHE, else ~/.cache/coreml_lab."""
-    root = os.environ.get("COREML_LAB_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "coreml_lab"
-
-
-def clear_cache() -> int:
-    """Delete every cached conversion; returns how many were removed."""
-    _RECENT.clear()
-    root = cache_dir()
-    if not root.exists():
-        return 0
-    n = 0
-    for entry in root.iterdir():
-        if entry.is_dir() and (entry / "meta.json").exists():
-            shutil.rmtree(entry)
-            n += 1
-    return n
-
-
-def _hash_tensor(h, name: str, t) -> None:
-    h.update(name.encode())
-    if isinstance(t, torch.Tensor):
-        t = t.detach().cpu()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(repr(t).encode())
-
-
-def fingerprint(source_digest: str, inputs: ExampleInputs | None, options: ConversionOptions) -> str:
-    """Cache key of (graph and weights - :meth:`Prepared.digest` -, input specs, options, versions)."""
-    h = hashlib.sha256()
-    h.update(f"format={CACHE_FORMAT};ct={ct.__version__};torch={torch.__version__};np={np.__version__}".encode())
-    h.update(source_digest.encode())
-    if inputs is not None:
-        h.update(inputs.describe().encode())
-    h.update(options.key().encode())
-    return h.hexdigest()[:32]
-
-
-def _source_digest(graph_text: str, tensors: dict) -> str:
-    """Hash of a traced graph's text and its weights."""
-    h = hashlib.sha256()
-    h.update(graph_text.encode())
-    for name in sorted(tensors):
-        _hash_tensor(h, name, tensors[name])
-    return h.hexdigest()
-
-
-_MANGLE = re.compile(r"___torch_mangle_\d+\.")
-
-
-def _scripted_fingerprint_parts(scripted) -> tuple[str, dict]:
-    # TorchScript mangles class names on every re-trace; the graph is the same
-    graph = _MANGLE.sub("", str(scripted.inlined_graph))
-    tensors = dict(scripted.state_dict())
-    try:
-        _, consts = scripted.code_with_constants
-        for k, v in consts.const_mapping.items():
-            tensors[f"__const__{k}"] = v
-    except Exception:  # noqa: BLE001 - constants are an extra safety net
-        pass
-    return graph, tensors
-
-
-def _save_to_cache(key: str, conv: Conversion) -> None:
-    root = cache_dir() / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
-    try:
-        conv.mlmodel.save(str(tmp / "model.mlpackage"))
-        scopes = {}
-        for op in walk_ops(conv.program, nested=True, consts=True):
-            if getattr(op, "scopes", None):
-                scopes[op.name] = {src.name: list(vals) for src, vals in op.scopes.items()}
-        meta = {
-            "spec_version": conv.spec_version, "wall_time": conv.wall_time, "method": conv.method,
-            "source_kind": conv.source_kind, "options": conv.options.to_dict(),
-            "messages": [m.to_dict() for m in conv.messages],
-            "scopes": scopes,
-            "layer_chains": {k: list(v) for k, v in conv.layer_chains.items()},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-#: the last few conversions of this process, by cache key: a cache hit without reloading the package
-_RECENT: OrderedDict[tuple, Conversion] = OrderedDict()
-RECENT_SIZE = 6
-
-
-def _remember(key: str, conv: Conversion) -> None:
-    _RECENT[(str(cache_dir()), key)] = conv
-    _RECENT.move_to_end((str(cache_dir()), key))
-    while len(_RECENT) > RECENT_SIZE:
-        _RECENT.popitem(last=False)
-
-
-def _load_from_cache(key: str, options: ConversionOptions, inputs, source) -> Conversion | None:
-    recent = _RECENT.get((str(cache_dir()), key))
-    if recent is not None and (cache_dir() / key / "meta.json").exists():
-        return dataclasses.replace(recent, options=options, example_inputs=inputs, source=source, from_cache=True)
-    conv = _load_from_disk(key, options, inputs, source)
-    if conv is not None:
-        _remember(key, conv)
-    return conv
-
-
-def _load_from_disk(key: str, options: ConversionOptions, inputs, source) -> Conversion | None:
-    root = cache_dir() / key
-    meta_path = root / "meta.json"
-    if not meta_path.exists():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        shell = ct.models.MLModel(str(root / "model.mlpackage"), skip_model_load=True)
-        program = mil_program(shell)
-        _restore_scopes(program, meta.get("scopes", {}))
-        mlmodel = ct.models.MLModel(shell.get_spec(), weights_dir=shell.weights_dir, mil_program=program,
-                                    skip_model_load=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, not a failure
-        warnings.warn(f"ignoring damaged conversion cache entry {root}: {exc}", stacklevel=2)
-        return None
-    return Conversion(
-        mlmodel=mlmodel, program=program, options=options, spec_version=meta["spec_version"],
-        wall_time=meta["wall_time"], messages=[Message.from_dict(m) for m in meta["messages"]],
-        method=meta["method"], source_kind=meta["source_kind"], example_inputs=inputs, cache_key=key,
-        from_cache=True, onnx_path=getattr(source, "onnx_path", None), source=source,
-        layer_chains={k: tuple(v) for k, v in meta.get("layer_chains", {}).items()},
-    )
-
-
-def _restore_scopes(program, scopes: dict) -> None:
-    from coremltools.converters.mil.mil.scope import ScopeSource
-
-    for op in walk_ops(program, nested=True, consts=True):
-        saved = scopes.get(op.name)
-        if saved:
-            for src_name, vals in saved.items():
-                op.scopes[ScopeSource[src_name]] = list(vals)
-
-
-# ---------------------------------------------------------------------------- convert
 
 @dataclass
 class Prepared:
@@ -296,7 +56,7 @@ class Prepared:
     def digest(self) -> str:
         """Hash of the traced graph and its weights, computed once (conversions share it)."""
         if self._digest is None:
-            self._digest = _source_digest(self.graph_text, self.tensors)
+            self._digest = cache_store.source_digest(self.graph_text, self.tensors)
         return self._digest
 
     def take_convertible(self):
@@ -338,6 +98,12 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     the torch module of every MIL op (``Conversion.layer_chains``). That helper inlines the
     TorchScript first, so its op names differ from a plain ``ct.convert``: the default plain
     conversion keeps the names users see (and that ``op_selector`` fixes refer to).
+
+    An FP16 or mixed ML Program is made from the FP32 conversion of the same model (converted,
+    or found in the cache) with coremltools' own FP16 pass (:mod:`.derivation`), so the FP32
+    program a diagnosis measures against costs no second conversion (``Conversion.reference``).
+    Where that cannot give the program a direct conversion gives, the model is converted again
+    from torch, and the conversion's messages say why.
     """
     options = as_options(options)
     env_messages = msgs.import_messages()
@@ -353,13 +119,64 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     key = fingerprint(prep.digest() + f"|mapping={layer_mapping}|outputs={named_outputs}", inputs, options) \
         if cache else None
     if key is not None:
-        hit = _load_from_cache(key, options, inputs, source)
+        hit = cache_store.load(key, options, inputs, source)
         if hit is not None:
             return dataclasses.replace(hit, prepared=prep)
 
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
     ct_inputs, ct_states, state_messages = model_states.conversion_states(
         source, prep.updated_buffers, options, ct_inputs)
+    reference, derived, derivation_note = None, None, []
+    if not layer_mapping and derivation.wanted(options, source.kind):
+        # one conversion from torch: the FP32 one (the diagnosis' reference), the asked program derived from it
+        reference = convert(None, options=reference_options(options), prepared=prep, cache=cache)
+        derived, derivation_note = _derived(reference, options)
+    if derived is not None:
+        mlmodel, wall, captured = derived
+        wall += 0.0 if reference.from_cache else reference.wall_time
+        messages = reference.messages + derivation_note + captured
+        chains = {}
+    else:
+        messages = env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")] \
+            + _composite_notes(prep.graph_text) + prep_messages + state_messages + derivation_note
+        mlmodel, chains, wall, captured = _from_torch(prep, options, ct_inputs, ct_states, named_outputs,
+                                                      layer_mapping, messages)
+        messages = messages + captured
+    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
+        from .compression import apply as compress
+        from .mapping import chains_from_scopes
+        if not chains and source.module is not None:  # scopes are read before compression drops them
+            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
+        mlmodel = compress(mlmodel, options.compression, options.target)
+    program = mil_program(mlmodel)
+    if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
+        from .mapping import chains_from_scopes
+        _annotate_modules(program, chains_from_scopes(program, dict(source.module.named_modules())))
+    else:
+        _annotate_modules(program, chains)
+    conv = Conversion(
+        mlmodel=mlmodel, program=program, options=options,
+        spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall, messages=messages,
+        method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
+        onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep, reference=reference,
+    )
+    if key is not None:
+        try:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            cache_store.save(key, conv)
+            cache_store.remember(key, dataclasses.replace(conv, from_cache=True, prepared=None, reference=None))
+        except OSError as exc:
+            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
+    return conv
+
+
+def reference_options(options: ConversionOptions) -> ConversionOptions:
+    """The options of the FP32 conversion a diagnosis measures ``options``' conversion against."""
+    return options.replace(precision="fp32", fp32_ops=(), compression=None)
+
+
+def _from_torch(prep: Prepared, options, ct_inputs, ct_states, named_outputs, layer_mapping, messages):
+    """One coremltools conversion from torch: (mlmodel, layer chains, wall time, captured messages)."""
     convertible = prep.take_convertible()
     torch_ops.register()
     with msgs.capture() as captured:
@@ -376,37 +193,32 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
                 mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **_fresh_states(kwargs)), {}
         except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
-            raise ConversionError(str(exc), env_messages + notes + prep_messages + state_messages + list(captured)
-                                  + [failure], options, method) from exc
+            raise ConversionError(str(exc), messages + list(captured) + [failure], options, prep.method) from exc
         wall = time.perf_counter() - start
-    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
-        from .compression import apply as compress
-        from .mapping import chains_from_scopes
-        if not chains and source.module is not None:  # scopes are read before compression drops them
-            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
-        mlmodel = compress(mlmodel, options.compression, options.target)
-    program = mil_program(mlmodel)
-    if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
-        from .mapping import chains_from_scopes
-        _annotate_modules(program, chains_from_scopes(program, dict(source.module.named_modules())))
-    else:
-        _annotate_modules(program, chains)
-    conv = Conversion(
-        mlmodel=mlmodel, program=program, options=options,
-        spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
-        messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
-        + _composite_notes(prep.graph_text) + prep_messages + state_messages + list(captured),
-        method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
-        onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
-    )
-    if key is not None:
-        try:
-            cache_dir().mkdir(parents=True, exist_ok=True)
-            _save_to_cache(key, conv)
-            _remember(key, dataclasses.replace(conv, from_cache=True, prepared=None))
-        except OSError as exc:
-            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
-    return conv
+    return mlmodel, chains, wall, list(captured)
+
+
+def _derived(reference: Conversion, options: ConversionOptions) -> tuple[tuple | None, list]:
+    """((mlmodel, wall time, captured messages) or None, [the note saying how]): the program of ``options``
+    made from the FP32 ``reference`` (:mod:`.derivation`); None (converted again from torch) where it cannot."""
+    if options.precision == "fp32":  # compressed: the FP32 conversion itself is compressed (a new model)
+        return (reference.mlmodel, 0.0, []), [msgs.make("info", "the FP32 conversion, compressed (one conversion "
+                                                        "from torch)", "coreml_lab")]
+    reason = derivation.derivable(options)
+    if reason is None:
+        with msgs.capture() as captured:
+            start = time.perf_counter()
+            try:
+                mlmodel = derivation.derive(reference.mlmodel, options)
+            except Exception as exc:  # noqa: BLE001 - the conversion from torch decides; the note says why
+                reason = f"coremltools' FP16 pass failed on the FP32 program ({type(exc).__name__}: {str(exc)[:160]})"
+            else:
+                note = msgs.make("info", f"{options.precision} program made from the FP32 conversion with "
+                                 "coremltools' FP16 pass (one conversion from torch)", "coreml_lab")
+                return (mlmodel, time.perf_counter() - start, list(captured)), [note]
+    note = msgs.make("info", f"converted from torch a second time (the FP32 conversion too): the {options.precision} "
+                     f"program cannot be made from the FP32 one: {reason}", "coreml_lab")
+    return None, [note]
 
 
 def _fresh_states(kwargs: dict) -> dict:
@@ -474,7 +286,7 @@ def _annotate_modules(program, chains: dict) -> None:
 def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict]:
     """What to hand ct.convert, how it was obtained, and the graph text and tensors for the cache key."""
     if source.kind == "torchscript":
-        graph, tensors = _scripted_fingerprint_parts(source.model)
+        graph, tensors = cache_store.scripted_fingerprint_parts(source.model)
         return source.model, "torchscript", graph, tensors
     if source.kind == "exported":
         ep = source.model
@@ -489,7 +301,7 @@ def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict
     try:
         with torch.no_grad():  # no check_trace: the reference runs compare torch with the conversion anyway
             traced = torch.jit.trace(module, inputs.tensors, check_trace=False)
-        graph, tensors = _scripted_fingerprint_parts(traced)
+        graph, tensors = cache_store.scripted_fingerprint_parts(traced)
         return traced, prefix + "torch.jit.trace", graph, tensors
     except Exception as trace_exc:  # noqa: BLE001 - fall back to torch.export, and say so
         try:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .convert import Conversion, ConversionError, convert, prepare
+from .conversion import Conversion, ConversionError
+from .convert import convert, prepare
 from .diagnosis import diagnose
 from .emulator import EmulatedModel
 from .feeds import dataset

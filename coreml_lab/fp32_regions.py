@@ -16,7 +16,7 @@ from typing import Any
 import coremltools as ct
 import numpy as np
 
-from .convert import ConversionError
+from .conversion import ConversionError
 from .emulator import EmulatedModel
 from .fp16 import FP16_MAX, RangeStats
 from .options import ConversionOptions, final_op_name

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .convert import Conversion
+from .conversion import Conversion
 from .emulator.neural_engine import NE_UNSUPPORTED_OPS
 from .emulator.program import walk_ops
 

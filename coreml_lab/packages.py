@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import messages as msgs
-from .convert import Conversion
+from .conversion import Conversion
 from .emulator.model import input_specs
 from .emulator.program import mil_program
 from .options import ConversionOptions

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from .convert import ConversionError, convert, prepare
+from .conversion import ConversionError
+from .convert import convert, prepare
 from .feeds import dataset
 from .fixes import measure
 from .lint import lint
