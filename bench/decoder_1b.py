@@ -7,7 +7,8 @@ The decoder is written here in plain torch (no ``transformers``: no package deci
 shape): token embedding, ``layers`` pre-norm blocks of RMSNorm, multi-head causal attention
 with rotary position embeddings and a SwiGLU MLP, a final RMSNorm and an untied LM head;
 random weights (LLaMA's normal init, std 0.02), created once in FP32 and never copied
-(no gradients). At the defaults it has about 1.2 billion parameters (4.8 GB in FP32; the shape of LLaMA 3.2 1B with a 32,000-token vocabulary).
+(no gradients). At the defaults it has about 1.2 billion parameters (4.8 GB in FP32; the shape of
+LLaMA 3.2 1B with a 32,000-token vocabulary).
 
 Phases, each timed, with the process's peak resident memory during it (``bench/rss.py``):
 build; torch forward of ``tokens`` tokens (median of ``--forwards``; the resident memory
