@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -40,7 +39,7 @@ from .compression_report import compression_table, mark_layers, original_weights
 from .conversion import Conversion, ConversionError
 from .convert import convert, prepare, reference_options
 from .emulator.lockstep import Lockstep, var_input_names
-from .emulator.profiles import EXACT_FP32, PROFILES, get_profile, profile_label
+from .emulator.profiles import EXACT_FP32, get_profile, profile_label
 from .feeds import dataset
 from .local_error import LocalErrors
 from .options import ConversionOptions, as_options
@@ -245,12 +244,12 @@ class Diagnosis:
         self.uncompressed_local: dict = {}
 
     def run(self, feeds_list: list[dict], progress: bool, stepwise: bool = False) -> Report:
-        ref = _emulated(self.conv32.mlmodel, EXACT_FP32, self.pairing.ref_map.op_module)
+        ref = rt.compiled_emulator(self.conv32.mlmodel, EXACT_FP32, self.pairing.ref_map.op_module)
         if self.own_reference:
             self.stats.notes.add(packages.NO_FRAMEWORK_NOTE)
         devs = {}
         if self.kind == "emulator":
-            devs = {cu: _emulated(self.conv.mlmodel, self.profiles[cu], self.pairing.layer_map.op_module)
+            devs = {cu: rt.compiled_emulator(self.conv.mlmodel, self.profiles[cu], self.pairing.layer_map.op_module)
                     for cu in self.cus}
         if stepwise:
             check_steps(feeds_list, ref)
@@ -385,21 +384,3 @@ def _widened(ref_feeds: dict, feeds: dict) -> dict:
                 and given.dtype.kind == "f" and given.dtype.itemsize > 2:
             out[name] = torch.from_numpy(np.array(given, dtype=np.float32))
     return out
-
-
-#: mlmodel -> compute unit -> its compiled emulator (a re-run diagnosis compiles nothing again)
-_EMULATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _emulated(mlmodel, profile, module_of):
-    """The emulated model of ``mlmodel`` under a compute unit's profile; default profiles are
-    compiled once per mlmodel (``module_of``, the conversion's op -> module mapping, is the same
-    for one mlmodel, so the first one compiled is kept). Variants are compiled per diagnosis."""
-    profile = get_profile(profile)
-    if PROFILES.get(profile.compute_unit) != profile and profile != EXACT_FP32:
-        return rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
-    per_unit = _EMULATED.setdefault(mlmodel, {})
-    model = per_unit.get(profile.compute_unit)
-    if model is None:
-        model = per_unit[profile.compute_unit] = rt.EmulatorRuntime(mlmodel, profile, module_of=module_of).model
-    return model

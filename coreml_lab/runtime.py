@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import platform
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from .emulator import EmulatedModel
 from .emulator.interpreter import OpRecord
+from .emulator.profiles import EXACT_FP32, PROFILES, get_profile
 
 RUNTIMES = ("auto", "emulator", "coreml")
 
@@ -165,3 +167,21 @@ def make_runtime(mlmodel, compute_unit: str, runtime: str = "auto", module_of=No
     if kind == "coreml":
         return CoreMLRuntime(mlmodel, compute_unit, module_of=module_of)
     return EmulatorRuntime(mlmodel, compute_unit, module_of=module_of)
+
+
+#: mlmodel -> compute unit -> its compiled emulator (a re-run diagnosis compiles nothing again)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_emulator(mlmodel, profile, module_of):
+    """The emulated model of ``mlmodel`` under a compute unit's profile; default profiles are
+    compiled once per mlmodel (``module_of``, the conversion's op -> module mapping, is the same
+    for one mlmodel, so the first one compiled is kept). Variants are compiled per diagnosis."""
+    profile = get_profile(profile)
+    if PROFILES.get(profile.compute_unit) != profile and profile != EXACT_FP32:
+        return EmulatorRuntime(mlmodel, profile, module_of=module_of).model
+    per_unit = _COMPILED.setdefault(mlmodel, {})
+    model = per_unit.get(profile.compute_unit)
+    if model is None:
+        model = per_unit[profile.compute_unit] = EmulatorRuntime(mlmodel, profile, module_of=module_of).model
+    return model
