@@ -72,7 +72,7 @@ def main():
         name, size = case.split(":")
         model, inputs, _ = sample_models.build(name, size=size)
         rows = {"diagnose": ([], []), "convert": ([], [])}
-        for round_ in range(args.repeats + 1):  # round 0 warms up (first-touch costs), not counted
+        for _ in range(args.repeats):
             for which, ctx in ((0, Before), (1, None)):
                 def run_diagnose():
                     cl.diagnose(model, inputs, options, compute_units=units, progress=False)
@@ -87,11 +87,9 @@ def main():
                 for key, fn in (("convert", run_convert), ("diagnose", run_diagnose)):
                     if ctx is not None:
                         with ctx():
-                            took = cold(fn)
+                            rows[key][which].append(cold(fn))
                     else:
-                        took = cold(fn)
-                    if round_:
-                        rows[key][which].append(took)
+                        rows[key][which].append(cold(fn))
         for key, (before, after) in rows.items():
             b, a = statistics.median(before), statistics.median(after)
             print(f"{name}:{size:5s} {key:9s} before {b:7.2f}s  after {a:7.2f}s  after/before {a / b:.2f}", flush=True)

@@ -1,4 +1,4 @@
-"""The FP16 program made from an FP32 conversion with coremltools' own FP16 pass: one conversion, not two.
+"""The FP16 (or mixed) program made from an FP32 conversion with coremltools' own FP16 pass: one conversion, not two.
 
 coremltools converts a torch model at FP32 and then, for FP16, runs ``common::add_fp16_cast``
 (with the ``op_selector`` of mixed precision) and the passes its default pipeline runs after it
@@ -11,13 +11,6 @@ FP32 reference and the diagnosed program from one conversion from torch.
 The torch frontend does one thing differently at FP16 from iOS16 on: outputs (and inputs and
 states given without a dtype) default to FP16. Outputs are set here as it sets them; inputs or
 states without a dtype are a case :func:`derivable` refuses (the caller converts again).
-
-Compared with a direct FP16 conversion on every sample of ``sample_models`` (tests/test_derivation.py
-checks several): the same op types in the same order, the same dtypes and shapes, the same constant
-values (kv_decoder spells one transpose ``perm`` with negative axes, the same permutation); op and
-var names are identical on most samples, but a few ops coremltools names itself (an input's cast,
-a transpose a cleanup pass rewrites) are named apart on some. Mixed precision is therefore refused:
-its ``fp32_ops`` name ops as a direct conversion names them.
 """
 
 from __future__ import annotations
