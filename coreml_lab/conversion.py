@@ -55,8 +55,6 @@ class Conversion:
     prepared: Any = field(default=None, repr=False, compare=False)
     #: MIL output name -> enclosing torch module paths, innermost first (coremltools' op mapping)
     layer_chains: dict = field(default_factory=dict, repr=False)
-    #: the FP32 conversion this one's program was made from (:mod:`.derivation`), when it was
-    reference: Conversion | None = field(default=None, repr=False, compare=False)
 
     @property
     def explained(self) -> list[Message]:

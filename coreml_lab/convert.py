@@ -19,9 +19,9 @@ import coremltools as ct
 import torch
 
 from . import conversion_cache as cache_store
-from . import derivation, torch_ops
 from . import messages as msgs
 from . import states as model_states
+from . import torch_ops
 from .conversion import Conversion, ConversionError
 from .conversion_cache import cache_dir, clear_cache, fingerprint
 from .emulator.program import mil_program, walk_ops
@@ -98,12 +98,6 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     the torch module of every MIL op (``Conversion.layer_chains``). That helper inlines the
     TorchScript first, so its op names differ from a plain ``ct.convert``: the default plain
     conversion keeps the names users see (and that ``op_selector`` fixes refer to).
-
-    An FP16 or mixed ML Program is made from the FP32 conversion of the same model (converted,
-    or found in the cache) with coremltools' own FP16 pass (:mod:`.derivation`), so the FP32
-    program a diagnosis measures against costs no second conversion (``Conversion.reference``).
-    Where that cannot give the program a direct conversion gives, the model is converted again
-    from torch, and the conversion's messages say why.
     """
     options = as_options(options)
     env_messages = msgs.import_messages()
@@ -126,57 +120,6 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
     ct_inputs, ct_states, state_messages = model_states.conversion_states(
         source, prep.updated_buffers, options, ct_inputs)
-    reference, derived, derivation_note = None, None, []
-    if not layer_mapping and derivation.wanted(options, source.kind):
-        # one conversion from torch: the FP32 one (the diagnosis' reference), the asked program derived from it
-        reference = convert(None, options=reference_options(options), prepared=prep, cache=cache)
-        derived, derivation_note = _derived(reference, options)
-    if derived is not None:
-        mlmodel, wall, captured = derived
-        wall += 0.0 if reference.from_cache else reference.wall_time
-        messages = reference.messages + derivation_note + captured
-        chains = {}
-    else:
-        messages = env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")] \
-            + _composite_notes(prep.graph_text) + prep_messages + state_messages + derivation_note
-        mlmodel, chains, wall, captured = _from_torch(prep, options, ct_inputs, ct_states, named_outputs,
-                                                      layer_mapping, messages)
-        messages = messages + captured
-    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
-        from .compression import apply as compress
-        from .mapping import chains_from_scopes
-        if not chains and source.module is not None:  # scopes are read before compression drops them
-            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
-        mlmodel = compress(mlmodel, options.compression, options.target)
-    program = mil_program(mlmodel)
-    if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
-        from .mapping import chains_from_scopes
-        _annotate_modules(program, chains_from_scopes(program, dict(source.module.named_modules())))
-    else:
-        _annotate_modules(program, chains)
-    conv = Conversion(
-        mlmodel=mlmodel, program=program, options=options,
-        spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall, messages=messages,
-        method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
-        onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep, reference=reference,
-    )
-    if key is not None:
-        try:
-            cache_dir().mkdir(parents=True, exist_ok=True)
-            cache_store.save(key, conv)
-            cache_store.remember(key, dataclasses.replace(conv, from_cache=True, prepared=None, reference=None))
-        except OSError as exc:
-            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
-    return conv
-
-
-def reference_options(options: ConversionOptions) -> ConversionOptions:
-    """The options of the FP32 conversion a diagnosis measures ``options``' conversion against."""
-    return options.replace(precision="fp32", fp32_ops=(), compression=None)
-
-
-def _from_torch(prep: Prepared, options, ct_inputs, ct_states, named_outputs, layer_mapping, messages):
-    """One coremltools conversion from torch: (mlmodel, layer chains, wall time, captured messages)."""
     convertible = prep.take_convertible()
     torch_ops.register()
     with msgs.capture() as captured:
@@ -193,32 +136,37 @@ def _from_torch(prep: Prepared, options, ct_inputs, ct_states, named_outputs, la
                 mlmodel, chains = ct.convert(convertible, inputs=ct_inputs, **_fresh_states(kwargs)), {}
         except Exception as exc:
             failure = msgs.make("error", f"{type(exc).__name__}: {exc}", "exception")
-            raise ConversionError(str(exc), messages + list(captured) + [failure], options, prep.method) from exc
+            raise ConversionError(str(exc), env_messages + notes + prep_messages + state_messages + list(captured)
+                                  + [failure], options, method) from exc
         wall = time.perf_counter() - start
-    return mlmodel, chains, wall, list(captured)
-
-
-def _derived(reference: Conversion, options: ConversionOptions) -> tuple[tuple | None, list]:
-    """((mlmodel, wall time, captured messages) or None, [the note saying how]): the program of ``options``
-    made from the FP32 ``reference`` (:mod:`.derivation`); None (converted again from torch) where it cannot."""
-    if options.precision == "fp32":  # compressed: the FP32 conversion itself is compressed (a new model)
-        return (reference.mlmodel, 0.0, []), [msgs.make("info", "the FP32 conversion, compressed (one conversion "
-                                                        "from torch)", "coreml_lab")]
-    reason = derivation.derivable(options)
-    if reason is None:
-        with msgs.capture() as captured:
-            start = time.perf_counter()
-            try:
-                mlmodel = derivation.derive(reference.mlmodel, options)
-            except Exception as exc:  # noqa: BLE001 - the conversion from torch decides; the note says why
-                reason = f"coremltools' FP16 pass failed on the FP32 program ({type(exc).__name__}: {str(exc)[:160]})"
-            else:
-                note = msgs.make("info", f"{options.precision} program made from the FP32 conversion with "
-                                 "coremltools' FP16 pass (one conversion from torch)", "coreml_lab")
-                return (mlmodel, time.perf_counter() - start, list(captured)), [note]
-    note = msgs.make("info", f"converted from torch a second time (the FP32 conversion too): the {options.precision} "
-                     f"program cannot be made from the FP32 one: {reason}", "coreml_lab")
-    return None, [note]
+    if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
+        from .compression import apply as compress
+        from .mapping import chains_from_scopes
+        if not chains and source.module is not None:  # scopes are read before compression drops them
+            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
+        mlmodel = compress(mlmodel, options.compression, options.target)
+    program = mil_program(mlmodel)
+    if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
+        from .mapping import chains_from_scopes
+        _annotate_modules(program, chains_from_scopes(program, dict(source.module.named_modules())))
+    else:
+        _annotate_modules(program, chains)
+    conv = Conversion(
+        mlmodel=mlmodel, program=program, options=options,
+        spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
+        messages=env_messages + notes + [msgs.make("info", f"converted via {method}", "coreml_lab")]
+        + _composite_notes(prep.graph_text) + prep_messages + state_messages + list(captured),
+        method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
+        onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
+    )
+    if key is not None:
+        try:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            cache_store.save(key, conv)
+            cache_store.remember(key, dataclasses.replace(conv, from_cache=True, prepared=None))
+        except OSError as exc:
+            warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
+    return conv
 
 
 def _fresh_states(kwargs: dict) -> dict:

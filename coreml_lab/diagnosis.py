@@ -37,7 +37,7 @@ from . import packages
 from . import runtime as rt
 from .compression_report import compression_table, mark_layers, original_weights
 from .conversion import Conversion, ConversionError
-from .convert import convert, prepare, reference_options
+from .convert import convert, prepare
 from .emulator.lockstep import Lockstep, var_input_names
 from .emulator.profiles import EXACT_FP32, get_profile, profile_label
 from .feeds import dataset
@@ -157,8 +157,8 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
     try:
         if not isinstance(model, Conversion):
             conv = convert(None, options=opts, prepared=prep)
-        # the exact reference: the FP32 conversion the diagnosed program was made from (one conversion)
-        conv32 = _reference_conversion(conv, opts, prep)
+        # the exact reference: the FP32 conversion, through coremltools' op mapping (torch modules)
+        conv32 = _fp32_conversion(opts, prep)
     except ConversionError as exc:
         return Report.failed(opts, exc, cus, runtime=kind)
     if conv.program is None:
@@ -181,12 +181,10 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         feeds, progress, stepwise=steps is not None)
 
 
-def _reference_conversion(conv: Conversion, opts: ConversionOptions, prep) -> Conversion:
-    """The FP32 conversion a diagnosis measures ``conv`` against: the one its program was made from, else the
-    FP32 conversion of the same trace (in the cache when ``conv`` was made from it)."""
-    if conv.reference is not None:
-        return conv.reference
-    return convert(None, options=reference_options(opts), prepared=prep)
+def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
+    """The FP32 conversion a diagnosis measures against, through coremltools' op mapping."""
+    return convert(None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep,
+                   layer_mapping=True)
 
 
 def _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local, profiles,
@@ -205,7 +203,7 @@ def _diagnose_package_with_source(model, example_inputs, options, mlmodel, input
     prep = packages.with_names(prep, packages.renamed_inputs(package, prep.inputs))
     opts = as_options(options) if options is not None else ConversionOptions(target=packages.target_of(package))
     try:
-        conv32 = convert(None, options=reference_options(opts), prepared=prep)
+        conv32 = _fp32_conversion(opts, prep)
     except ConversionError as exc:
         return Report.failed(opts, exc, cus, runtime=kind)
     conv = packages.package_conversion(package, prep.inputs, opts, source=prep.source)

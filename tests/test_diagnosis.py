@@ -37,10 +37,7 @@ def test_report_frames_have_the_documented_columns(overflow):
     assert list(rep.culprits().columns) == Report.CULPRIT_COLUMNS
     assert set(rep.layers["compute_unit"]) == set(CUS) and set(rep.layers["runtime"]) == {"emulator"}
     assert len(rep.outputs) == 3 and rep.n_inputs == 1
-    # the FP32 reference is the plain conversion the diagnosed program is made from: its ops are named by the
-    # torch module scopes coremltools records (tests/test_derivation.py checks they name every module its op
-    # mapping helper named)
-    assert rep.layer_source == "scopes"
+    assert rep.layer_source == "coremltools"
 
 
 def test_overflow_sample_top_culprit_is_the_module_that_overflows(overflow):
