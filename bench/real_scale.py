@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rss import parse_malloc_env
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "REAL_SCALE_RESULT "
 UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -319,17 +321,6 @@ def print_row(row: dict) -> None:
     cells = "".join(f" {fmt.format(row[k]) if row.get(k) is not None else '-':>12}" for _, k, fmt in COLUMNS)
     above = [h.split()[0] for h, k, _ in COLUMNS if k in TARGETS and row.get(k) is not None and row[k] > TARGETS[k]]
     print(f"{row['label']:22}{cells}" + (f"  (above target: {' '.join(above)})" if above else ""), flush=True)
-
-
-def parse_malloc_env(malloc_env: str) -> dict:
-    """``"NAME=value ..."`` of glibc settings as a dict; a clear error for anything else."""
-    settings = {}
-    for item in malloc_env.split():
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("MALLOC_"):
-            raise SystemExit(f"--malloc-env takes NAME=value glibc settings (MALLOC_...), got {item!r}")
-        settings[name] = value
-    return settings
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Resident memory of this process: now, and its peak during a block (for the real-scale benches).
+"""Resident memory of this process (now, and its peak during a block) and the glibc settings the benches run under.
 
 :class:`PeakRSS` samples ``/proc/self/statm`` in a thread while the block runs, as
 ``bench/run.py`` does, and where the kernel allows it also resets the process's high-water
@@ -69,3 +69,14 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss(), _high_water_mark() if self._kernel else 0)
+
+
+def parse_malloc_env(malloc_env: str) -> dict:
+    """``"NAME=value ..."`` of glibc settings as a dict; a clear error for anything else."""
+    settings = {}
+    for item in malloc_env.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MALLOC_"):
+            raise SystemExit(f"--malloc-env takes NAME=value glibc settings (MALLOC_...), got {item!r}")
+        settings[name] = value
+    return settings

@@ -49,6 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rss import parse_malloc_env
+
 import coreml_lab as cl
 import sample_models
 from coreml_lab.emulator import EmulatedModel
@@ -246,17 +248,6 @@ def diagnose_ratios(repeats: int) -> dict:
         _, _, ratio = median_ratio(lambda: cl.diagnose(conv, progress=False), forward_of(model, inputs), repeats)
         out[label] = round(ratio / 3, 2)
     return out
-
-
-def parse_malloc_env(malloc_env: str) -> dict:
-    """``"NAME=value ..."`` of glibc settings as a dict; a clear error for anything else."""
-    settings = {}
-    for item in malloc_env.split():
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("MALLOC_"):
-            raise SystemExit(f"--malloc-env takes NAME=value glibc settings (MALLOC_...), got {item!r}")
-        settings[name] = value
-    return settings
 
 
 def with_malloc_env(settings: dict, repeats: int) -> dict:
