@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -49,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rss import parse_malloc_env
+from rss import PeakRSS, parse_malloc_env, trim
 
 import coreml_lab as cl
 import sample_models
@@ -109,32 +107,6 @@ def bench_emulator(repeats: int) -> list[dict]:
     return rows
 
 
-class PeakRSS:
-    """Largest rise of resident memory while the block runs (Linux /proc sampling)."""
-
-    def __enter__(self):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-        self.rise = self.peak - self.base
-
-
 @contextlib.contextmanager
 def runs_only():
     """diagnose() with every statistic replaced by a no-op: what the runs alone cost (torch
@@ -153,19 +125,16 @@ def runs_only():
 
 
 def median_rise(fn, repeats: int) -> float:
-    """Median over ``repeats`` calls of :class:`PeakRSS`'s rise (the allocator's reuse of freed
-    memory makes single measurements vary by tens of percent)."""
+    """Median over ``repeats`` calls of the rise of resident memory during ``fn`` (:class:`rss.PeakRSS`,
+    freed memory handed back to the OS first; the allocator's reuse of freed memory makes single
+    measurements vary by tens of percent)."""
     rises = []
     for _ in range(repeats):
-        with PeakRSS() as m:
+        trim()
+        with PeakRSS(interval=0.0005) as m:
             fn()
-        rises.append(m.rise)
+        rises.append(m.peak - m.start)
     return statistics.median(rises)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def bench_whole_runs(repeats: int, emulator_rows: list[dict]) -> list[dict]:
