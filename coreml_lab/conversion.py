@@ -55,6 +55,8 @@ class Conversion:
     prepared: Any = field(default=None, repr=False, compare=False)
     #: MIL output name -> enclosing torch module paths, innermost first (coremltools' op mapping)
     layer_chains: dict = field(default_factory=dict, repr=False)
+    #: the program before coremltools' FP16 pass, kept for a diagnosis' FP32 reference (:mod:`.fp32_reference`)
+    fp32_fork: Any = field(default=None, repr=False, compare=False)
 
     @property
     def explained(self) -> list[Message]:
