@@ -53,8 +53,10 @@ class Conversion:
     source: Source | None = field(default=None, repr=False)
     #: the trace/export this conversion came from (lets diagnose() convert siblings without re-tracing)
     prepared: Any = field(default=None, repr=False, compare=False)
-    #: MIL output name -> enclosing torch module paths, innermost first (coremltools' op mapping)
+    #: MIL output name -> enclosing torch module paths, innermost first (from the TorchScript, or coremltools' op mapping)
     layer_chains: dict = field(default_factory=dict, repr=False)
+    #: the program before coremltools' FP16 pass, kept for a diagnosis' FP32 reference (:mod:`.fp32_reference`)
+    fp32_fork: Any = field(default=None, repr=False, compare=False)
 
     @property
     def explained(self) -> list[Message]:

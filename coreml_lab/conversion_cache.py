@@ -134,6 +134,11 @@ def remember(key: str, conv: Conversion) -> None:
         _RECENT.popitem(last=False)
 
 
+def recent(key: str) -> Conversion | None:
+    """A conversion of this process remembered under ``key`` (also one that has no entry on disk)."""
+    return _RECENT.get((str(cache_dir()), key))
+
+
 def load(key: str, options: ConversionOptions, inputs, source) -> Conversion | None:
     recent = _RECENT.get((str(cache_dir()), key))
     if recent is not None and (cache_dir() / key / "meta.json").exists():

@@ -24,13 +24,15 @@ from . import states as model_states
 from . import torch_ops
 from .conversion import Conversion, ConversionError
 from .conversion_cache import cache_dir, clear_cache, fingerprint
-from .emulator.program import mil_program, walk_ops
+from .emulator.program import mil_program
+from .fp32_reference import Fork, forkable, forking_pipeline
+from .mapping import annotate_modules, chains_from_scopes, chains_from_torchscript, torchscript_module_paths
 from .messages import Message
 from .options import ConversionOptions, as_options
 from .sources import ExampleInputs, Source, load_source
 
-__all__ = ["convert", "prepare", "Prepared", "Conversion", "ConversionError", "cache_dir", "clear_cache",
-           "fingerprint"]
+__all__ = ["convert", "prepare", "named_outputs", "Prepared", "Conversion", "ConversionError", "cache_dir",
+           "clear_cache", "fingerprint"]
 
 
 @dataclass
@@ -38,8 +40,9 @@ class Prepared:
     """A loaded source made ready for ct.convert (traced/exported), with its cache-key parts.
 
     Lets one trace serve several conversions of the same model (e.g. FP16 and FP32 in
-    diagnose). coremltools may modify the TorchScript it converts, so a second conversion
-    that really needs it gets a fresh trace.
+    diagnose). A plain ``ct.convert`` only inlines the TorchScript's graph (converting it again
+    makes the same program), so the conversion hands it back (:meth:`give_back`); coremltools'
+    op-mapping helper annotates it, so a conversion after that one gets a fresh trace.
     """
 
     source: Source
@@ -52,6 +55,7 @@ class Prepared:
     _digest: str | None = field(default=None, repr=False)
     #: buffers the forward changes (KV caches ...): candidates for Core ML states (see :mod:`.states`)
     updated_buffers: tuple = ()
+    _module_paths: dict | None = field(default=None, repr=False)
 
     def digest(self) -> str:
         """Hash of the traced graph and its weights, computed once (conversions share it)."""
@@ -66,6 +70,19 @@ class Prepared:
         with msgs.capture(), model_states.preserved_buffers(self.source.model):
             convertible, _, _, _ = _prepare(self.source, self.inputs)
         return convertible
+
+    def give_back(self, convertible) -> None:
+        """Keep a TorchScript that a plain ``ct.convert`` has read for the next conversion of this trace."""
+        if isinstance(convertible, torch.jit.ScriptModule) and self._fresh is None:
+            self._fresh = convertible
+
+    def module_paths(self, scripted=None) -> dict:
+        """Torch value name -> module chain of this trace (:func:`.mapping.torchscript_module_paths`), read once
+        (from ``scripted``, else from the TorchScript handed back)."""
+        if self._module_paths is None:
+            scripted = scripted if scripted is not None else self._fresh
+            self._module_paths = torchscript_module_paths(scripted) if scripted is not None else {}
+        return self._module_paths
 
 
 def prepare(model, example_inputs=None) -> Prepared:
@@ -85,7 +102,8 @@ def prepare(model, example_inputs=None) -> Prepared:
 
 
 def convert(model, example_inputs=None, options: ConversionOptions | dict | None = None, *,
-            cache: bool = True, prepared: Prepared | None = None, layer_mapping: bool = False) -> Conversion:
+            cache: bool = True, prepared: Prepared | None = None, layer_mapping: bool = False,
+            fork_fp32: bool = False) -> Conversion:
     """Convert ``model`` with ``options``; see :class:`Conversion`.
 
     ``model``: nn.Module (traced; falls back to torch.export when tracing fails), TorchScript
@@ -98,6 +116,10 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     the torch module of every MIL op (``Conversion.layer_chains``). That helper inlines the
     TorchScript first, so its op names differ from a plain ``ct.convert``: the default plain
     conversion keeps the names users see (and that ``op_selector`` fixes refer to).
+
+    ``fork_fp32=True`` (what :func:`~.diagnosis.diagnose` asks) also keeps the program as it stood
+    before coremltools' FP16 pass (``Conversion.fp32_fork``) for the FP32 reference
+    (:mod:`.fp32_reference`); the conversion itself is unchanged.
     """
     options = as_options(options)
     env_messages = msgs.import_messages()
@@ -109,8 +131,8 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
     notes = [msgs.make("info", n, "coreml_lab") for n in source.notes]
     prep_messages = list(prep.messages)
     method = prep.method
-    named_outputs = _named_outputs(source, options, inputs)
-    key = fingerprint(prep.digest() + f"|mapping={layer_mapping}|outputs={named_outputs}", inputs, options) \
+    output_names = named_outputs(source, options, inputs)
+    key = fingerprint(prep.digest() + f"|mapping={layer_mapping}|outputs={output_names}", inputs, options) \
         if cache else None
     if key is not None:
         hit = cache_store.load(key, options, inputs, source)
@@ -126,10 +148,15 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         start = time.perf_counter()
         try:
             kwargs = options.convert_kwargs()
-            if named_outputs:
-                kwargs["outputs"] = [ct.TensorType(name=n) for n in named_outputs]
+            if output_names:
+                kwargs["outputs"] = [ct.TensorType(name=n) for n in output_names]
             if ct_states:
                 kwargs["states"] = ct_states
+            forks: list = []
+            if fork_fp32 and not layer_mapping and isinstance(convertible, torch.jit.ScriptModule) \
+                    and forkable(options, ct_inputs, ct_states):
+                fork_outputs = copy.deepcopy(kwargs.get("outputs"))  # before coremltools sets FP16 on them
+                kwargs["pass_pipeline"] = forking_pipeline(forks.append)
             if layer_mapping:
                 mlmodel, chains = _convert_with_mapping(convertible, ct_inputs, kwargs)
             else:
@@ -139,18 +166,18 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
             raise ConversionError(str(exc), env_messages + notes + prep_messages + state_messages + list(captured)
                                   + [failure], options, method) from exc
         wall = time.perf_counter() - start
+    if not layer_mapping and isinstance(convertible, torch.jit.ScriptModule):  # a plain conversion of TorchScript
+        chains = chains_from_torchscript(mil_program(mlmodel), prep.module_paths(convertible))
+        prep.give_back(convertible)
+    scope_chains = {}
+    if not chains and source.module is not None:  # scopes resolved against the tree (before compression drops them)
+        scope_chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
     if options.compression is not None:  # weights compressed after conversion (coreml_lab/compression.py)
         from .compression import apply as compress
-        from .mapping import chains_from_scopes
-        if not chains and source.module is not None:  # scopes are read before compression drops them
-            chains = chains_from_scopes(mil_program(mlmodel), dict(source.module.named_modules()))
         mlmodel = compress(mlmodel, options.compression, options.target)
+        chains = chains or scope_chains
     program = mil_program(mlmodel)
-    if not chains and source.module is not None:  # plain conversion: scopes resolved against the tree
-        from .mapping import chains_from_scopes
-        _annotate_modules(program, chains_from_scopes(program, dict(source.module.named_modules())))
-    else:
-        _annotate_modules(program, chains)
+    annotate_modules(program, chains or scope_chains)
     conv = Conversion(
         mlmodel=mlmodel, program=program, options=options,
         spec_version=mlmodel.get_spec().specificationVersion, wall_time=wall,
@@ -158,12 +185,13 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         + _composite_notes(prep.graph_text) + prep_messages + state_messages + list(captured),
         method=method, source_kind=source.kind, example_inputs=inputs, cache_key=key,
         onnx_path=source.onnx_path, source=source, layer_chains=chains, prepared=prep,
+        fp32_fork=Fork(forks[0], fork_outputs) if forks else None,
     )
     if key is not None:
         try:
             cache_dir().mkdir(parents=True, exist_ok=True)
             cache_store.save(key, conv)
-            cache_store.remember(key, dataclasses.replace(conv, from_cache=True, prepared=None))
+            cache_store.remember(key, dataclasses.replace(conv, from_cache=True, prepared=None, fp32_fork=None))
         except OSError as exc:
             warnings.warn(f"could not write the conversion cache at {cache_dir()}: {exc}", stacklevel=2)
     return conv
@@ -183,7 +211,7 @@ def _composite_notes(graph_text: str) -> list[Message]:
             if re.search(rf"aten::{name}\b|aten\.{name}\b|torch\.{name}\(", graph_text)]
 
 
-def _named_outputs(source: Source, options: ConversionOptions, inputs: ExampleInputs | None) -> tuple | None:
+def named_outputs(source: Source, options: ConversionOptions, inputs: ExampleInputs | None) -> tuple | None:
     """Output names the model itself gives (a Hugging Face ModelOutput's ``logits`` ...), unless the options name them."""
     if options.outputs is not None or source.kind != "module":
         return None
@@ -209,26 +237,6 @@ def _convert_with_mapping(convertible, ct_inputs, kwargs: dict):
         warnings.warn(f"coremltools' op mapping failed ({type(exc).__name__}: {str(exc)[:200]}); "
                       "layer names come from op scopes instead", stacklevel=2)
         return mlmodel, {}
-
-
-def _annotate_modules(program, chains: dict) -> None:
-    """Write each op's full torch module path into its scopes.
-
-    Raw scopes spell ModuleList members as "0.attn" instead of "layers.0.attn", and coremltools'
-    mapping helper (which inlines the TorchScript) leaves no module names at all; writing the
-    resolved path back lets every scope reader (the emulator's records, error messages) name
-    the real module.
-    """
-    if not chains:
-        return
-    from coremltools.converters.mil.mil.scope import ScopeSource
-
-    for op in walk_ops(program, nested=True, consts=True):
-        for v in op.outputs:
-            chain = chains.get(v.name)
-            if chain and chain[0]:
-                op.scopes[ScopeSource.TORCHSCRIPT_MODULE_NAME] = chain[0].split(".") + [v.name]
-                break
 
 
 def _prepare(source: Source, inputs: ExampleInputs) -> tuple[Any, str, str, dict]:

@@ -37,10 +37,11 @@ from . import packages
 from . import runtime as rt
 from .compression_report import compression_table, mark_layers, original_weights
 from .conversion import Conversion, ConversionError
-from .convert import convert, prepare
+from .convert import convert, named_outputs, prepare
 from .emulator.lockstep import Lockstep, var_input_names
 from .emulator.profiles import EXACT_FP32, get_profile, profile_label
 from .feeds import dataset
+from .fp32_reference import finish_fork, fp32_reference, reference_options
 from .local_error import LocalErrors
 from .options import ConversionOptions, as_options
 from .output_statistics import check_golden
@@ -156,9 +157,8 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         prep = prepare(model, example_inputs)
     try:
         if not isinstance(model, Conversion):
-            conv = convert(None, options=opts, prepared=prep)
-        # the exact reference: the FP32 conversion, through coremltools' op mapping (torch modules)
-        conv32 = _fp32_conversion(opts, prep)
+            conv = convert(None, options=opts, prepared=prep, fork_fp32=True)
+        conv32 = _fp32_conversion(opts, prep, conv)
     except ConversionError as exc:
         return Report.failed(opts, exc, cus, runtime=kind)
     if conv.program is None:
@@ -181,10 +181,17 @@ def diagnose(model, example_inputs=None, options: ConversionOptions | dict | Non
         feeds, progress, stepwise=steps is not None)
 
 
-def _fp32_conversion(opts: ConversionOptions, prep) -> Conversion:
-    """The FP32 conversion a diagnosis measures against, through coremltools' op mapping."""
-    return convert(None, options=opts.replace(precision="fp32", fp32_ops=(), compression=None), prepared=prep,
-                   layer_mapping=True)
+def _fp32_conversion(opts: ConversionOptions, prep, conv: Conversion | None = None) -> Conversion:
+    """The FP32 conversion a diagnosis measures against (:mod:`.fp32_reference`): the fork ``conv`` kept of its
+    own program, else coremltools' FP32 conversion kept as its MIL program (TorchScript), else a conversion
+    through coremltools' op mapping (torch modules of an exported program)."""
+    outputs = named_outputs(prep.source, opts, prep.inputs)
+    if conv is not None and conv.fp32_fork is not None:
+        fork, conv.fp32_fork = conv.fp32_fork, None  # its program becomes the reference's
+        return finish_fork(fork, prep, opts, outputs)
+    if prep.method.endswith("torch.jit.trace") or prep.method == "torchscript":
+        return fp32_reference(prep, opts, outputs)
+    return convert(None, options=reference_options(opts), prepared=prep, layer_mapping=True)
 
 
 def _diagnose_package_with_source(model, example_inputs, options, mlmodel, inputs, cus, kind, local, profiles,

@@ -1,16 +1,22 @@
 """MIL op <-> torch module: which module produced each op, and which op carries each module's output.
 
-Two sources, best first:
+Three sources:
 
-1. coremltools' own mapping (``convert_and_retrieve_op_mapping``, experimental,
+1. The TorchScript coremltools converted (traced models, TorchScript files): each op's
+   scope ends with the torch value it came from, and that value's node in the graph
+   carries the full path of every module it ran in (``scopeName()``). Exact, and read
+   from the conversion itself.
+2. coremltools' own mapping (``convert_and_retrieve_op_mapping``, experimental,
    pinned with coremltools 9.0): every MIL output name -> the torch node it came
    from, with the node's full chain of enclosing modules (TorchScript node
-   ``modules``, or an fx node's ``nn_module_stack`` for exported programs).
-2. The scopes coremltools records on each op (``TORCHSCRIPT_MODULE_NAME``). They
-   do not always spell the full path (a module ``layers.0.attn`` inside a
-   ModuleList loop appears as ``0.attn``), so they are resolved against the real
-   module tree: exact path, else the unique module whose path ends with it (and
-   whose class matches). Ambiguous or unknown paths stay unresolved, never guessed.
+   ``modules``, or an fx node's ``nn_module_stack`` for exported programs). It costs
+   a conversion of its own; used for exported programs, whose ops have no TorchScript scope.
+3. The scopes' module names alone (``TORCHSCRIPT_MODULE_NAME``), e.g. for a conversion
+   read back from the cache without chains. They do not always spell the full path (a
+   module ``layers.0.attn`` inside a ModuleList loop appears as ``0.attn``), so they are
+   resolved against the real module tree: exact path, else the unique module whose path
+   ends with it (and whose class matches). Ambiguous or unknown paths stay unresolved,
+   never guessed.
 
 A module's output op is the last op (program order) whose output leaves the
 module: it is used by an op outside the module, or is a program output.
@@ -89,6 +95,48 @@ def _node_chain(node) -> tuple | None:
 def _with_root(paths: list[str]) -> tuple:
     paths = [p for p in paths if p != ROOT]
     return tuple(paths) + (ROOT,)
+
+
+# --------------------------------------------------------------------------- from the TorchScript
+
+def torchscript_module_paths(scripted) -> dict[str, tuple]:
+    """Torch value name -> the module chain (innermost first, ending with the model) that computed it.
+
+    Read from the TorchScript graph as coremltools' torch frontend reads it
+    (``_expand_and_optimize_ir``: inlined, renumbered, weights named), so the value names are
+    the ones it records as the last entry of each op's ``TORCHSCRIPT_MODULE_NAME`` scope. A
+    traced node's ``scopeName()`` spells every module it ran in by its full path
+    (``__module.encoder/__module.encoder.block.0.0/...``), ModuleList members included, which
+    the scope's module names (``encoder.0``) do not.
+    """
+    from coremltools.converters.mil.frontend.torch.torchscript_utils import _expand_and_optimize_ir
+
+    graph, _, _ = _expand_and_optimize_ir(scripted)
+    paths: dict[str, tuple] = {}
+    blocks = [graph]
+    while blocks:
+        for node in blocks.pop().nodes():
+            scope = node.scopeName()
+            chain = tuple(reversed([part[len("__module."):] for part in scope.split("/")
+                                    if part.startswith("__module.")])) if scope else ()
+            for value in node.outputs():
+                paths[value.debugName()] = _with_root(list(chain))
+            blocks.extend(node.blocks())
+    return paths
+
+
+def chains_from_torchscript(program, paths: Mapping[str, tuple]) -> dict[str, tuple]:
+    """Output var name -> module chain, for the ops whose scope names a torch value of ``paths``."""
+    chains: dict[str, tuple] = {}
+    for op in walk_ops(program, nested=False):  # module outputs are top-level vars
+        names = (getattr(op, "scopes", None) or {}).get(ScopeSource.TORCHSCRIPT_MODULE_NAME)
+        chain = paths.get(names[-1]) if names else None
+        if chain is not None:
+            for v in op.outputs:
+                chains[v.name] = chain
+    if all(chain == (ROOT,) for chain in chains.values()):  # no module paths (e.g. scripted, not traced)
+        return {}
+    return chains
 
 
 # --------------------------------------------------------------------------- from scopes
@@ -173,3 +221,21 @@ def build_layer_map(program, torch_module=None, coremltools_chains: Mapping | No
         chains = chains_from_scopes(program, tree)
         source = "scopes" if chains else "none"
     return LayerMap(chains=chains, module_outputs=module_outputs(program, chains), source=source)
+
+
+def annotate_modules(program, chains: dict) -> None:
+    """Write each op's full torch module path into its scopes.
+
+    Raw scopes spell ModuleList members as "0.attn" instead of "layers.0.attn", and coremltools'
+    mapping helper (which inlines the TorchScript) leaves no module names at all; writing the
+    resolved path back lets every scope reader (the emulator's records, error messages) name
+    the real module.
+    """
+    if not chains:
+        return
+    for op in walk_ops(program, nested=True, consts=True):
+        for v in op.outputs:
+            chain = chains.get(v.name)
+            if chain and chain[0]:
+                op.scopes[ScopeSource.TORCHSCRIPT_MODULE_NAME] = chain[0].split(".") + [v.name]
+                break
