@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from ..registry import kernel
-from .linear import mac_output
+from .linear import has_mac_port, mac_output
 
 FP16 = torch.float16
 PAD_TYPES = ("valid", "same", "same_lower", "custom")
@@ -125,8 +125,11 @@ def _conv_call(call, x, weight):
         raise ValueError(
             f"{call.op.op_type}: input 'groups' = {groups} does not fit C_in = {x.shape[1]} and weight "
             f"shape {tuple(weight.shape)} (expected weight[1] == C_in / groups)")
+    taps = math.prod(weight.shape[1:])
+    if not has_mac_port(call, taps):
+        return _conv(x, weight, bias, strides, pads, dilations, groups, call.accumulate)
     y = _conv(x, weight, None, strides, pads, dilations, groups, call.accumulate)
-    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=math.prod(weight.shape[1:]))
+    return mac_output(call, y, bias, (1, -1, *([1] * nd)), taps=taps)
 
 
 # ----------------------------------------------------------------------------- conv

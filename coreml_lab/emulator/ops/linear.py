@@ -42,6 +42,15 @@ def _common_float(call, *ts):
     return list(ts)
 
 
+def has_mac_port(call, taps: int = 2) -> bool:
+    """Whether the op's device passes a multiply-accumulate of ``taps`` terms through the Neural
+    Engine's output port (:func:`mac_output`). Where it does not, a kernel hands its bias to the
+    fused torch call (``F.linear`` / ``F.conv*``), as torch's own forward does: one pass less than
+    adding it after, and the same rounding as the torch reference."""
+    return (call.hazard("mac_ceiling_2p15") and taps >= 2) or call.hazard("mac_flush_denormals") \
+        or call.hazard("bias_fp16_add")
+
+
 def mac_output(call, y: torch.Tensor, bias=None, bias_shape=None, taps: int = 2):
     """``y`` (+ bias) through the Neural Engine's multiply-accumulate output port where the device
     has one (the NE_RULES mac_ceiling_2p15 / mac_flush_denormals / bias_fp16_add), else plain
@@ -74,6 +83,8 @@ def linear(call):
         if b is not None:
             y = y + b.long()
         return y.to(torch.int32)
+    if not has_mac_port(call):
+        return numerics.linear(x, w, b, call.accumulate)
     return mac_output(call, numerics.linear(x, w, None, call.accumulate), b)
 
 
