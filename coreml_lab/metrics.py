@@ -273,10 +273,14 @@ class DiffStats:
             out.max_ref = max_b
             return out
         a, b = paired_flat(a.detach(), b.detach())
-        a = a.float()  # the subtraction promotes an FP16 b itself
-        d = max_abs(torch.sub(a, b))
+        # a - b in FP32 (an FP16 b is promoted inside the subtraction), into a's FP32 copy when
+        # a is FP16 (one full-size temporary, not two: the largest values set the memory peak)
+        in_place = a.dtype == torch.float16 and b.dtype in (torch.float16, torch.float32)
+        diff = a.float().sub_(b) if in_place else torch.sub(a.float(), b)
+        d = max_abs(diff)
+        del diff
         if not math.isfinite(d):  # compare where both are finite (zeroed elsewhere: no gather)
-            b = b.float()
+            a, b = a.float(), b.float()
             fa, fb = finite(a), finite(b)
             out.nonfinite = int((fa != fb).sum())
             both = fa & fb

@@ -529,3 +529,22 @@ def test_a_local_rerun_that_fails_is_reported_not_dropped(monkeypatch):
     hit = after.layers.op == victim.op
     assert after.layers[hit].local_rel_err.isna().all()
     pd.testing.assert_series_equal(after.layers[~hit].local_rel_err, before.layers[~hit].local_rel_err)
+
+
+@pytest.mark.parametrize("b_dtype", [torch.float16, torch.float32])
+def test_divergence_of_fp16_values_is_their_exact_fp32_difference(b_dtype):
+    """DiffStats subtracts into one FP32 copy (memory): max |a - b| is still the FP32 difference of
+    the FP16 values, and a pair with inf on one side only is counted, not measured."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(64, 33, generator=g) * 300).half()
+    b = (a.float() + torch.randn(64, 33, generator=g)).to(b_dtype)
+    d = metrics.DiffStats.measure(a, b)
+    assert d.max_abs == float((a.float() - b.float()).abs().max())
+    assert d.max_ref == float(b.float().abs().max()) and d.nonfinite == 0
+    a[3, 4] = math.inf
+    d = metrics.DiffStats.measure(a.t(), b.t())  # transposed views: the same pairs
+    finite = torch.ones_like(a, dtype=torch.bool)
+    finite[3, 4] = False
+    assert d.nonfinite == 1
+    assert d.max_abs == float((a.float() - b.float()).abs()[finite].max())
+    assert a.dtype == torch.float16 and math.isinf(float(a[3, 4])), "the values measured are left as they are"

@@ -198,13 +198,20 @@ class SharedRun:
             values[cu] = out
         return values
 
-    def free(self, index: int) -> None:
-        """Drop the values whose last use was step ``index``, and the converted copies of its large
-        constants (weights widened for a unit are held one step at a time, not for the whole run)."""
+    def drop(self, index: int) -> None:
+        """Drop the values whose last use was step ``index`` (its inputs no later step reads): once
+        the step has run, only its outputs are measured, so they need not stay alive beside them."""
         for cu, plan in self.plans.items():
             env = self.envs[cu]
             for name in plan.steps[index].frees:
                 env.pop(name, None)
+
+    def free(self, index: int) -> None:
+        """:meth:`drop`, and the converted copies of step ``index``'s large constants (weights widened
+        for a unit are held one step at a time, not for the whole run; a local re-run of the step
+        uses them too)."""
+        self.drop(index)
+        for plan in self.plans.values():
             release_converted(plan.steps[index])
 
     def finish(self) -> dict:
@@ -283,6 +290,7 @@ class Lockstep:
                     yield from on_reference(rstep, name, v)
                 release_converted(rstep)
             values = self.units.step(index, take_reference)
+            self.units.drop(index)  # its dead inputs go before its outputs are measured (memory peak)
             on_step(index, step, values, {k: store.get(k) for k in keys})
             self.units.free(index)
             for k in keys:

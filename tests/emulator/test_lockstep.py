@@ -9,7 +9,7 @@ from coremltools.converters.mil import Builder as mb
 from opcheck import run_mil
 
 from coreml_lab.emulator.interpreter import Step
-from coreml_lab.emulator.lockstep import SharedRun, numeric_signature
+from coreml_lab.emulator.lockstep import SharedRun, numeric_signature, var_input_names
 from coreml_lab.emulator.profiles import FP16, FP32, HAZARDS, PROFILES, Precision
 from coreml_lab.emulator.registry import _KERNELS, ALL_USES, _load_kernels, lookup
 
@@ -150,3 +150,52 @@ def test_a_lockstep_run_holds_widened_weights_one_step_at_a_time():
     for cu in units:
         for name, value in plain[cu].items():
             assert torch.equal(outs[cu][name], value)
+
+
+def test_a_lockstep_step_is_measured_without_its_dead_inputs_and_with_its_widened_weights():
+    """Values no later step reads are dropped before ``on_step`` measures the step's outputs (a
+    diagnosis' memory peak is the largest step's inputs, outputs and measurements at once), while
+    the step's widened weights stay for its local re-run; the values measured are those of a plain run."""
+    import coremltools as ct
+
+    from coreml_lab.emulator.interpreter import Interpreter
+    from coreml_lab.emulator.lockstep import Lockstep
+    from coreml_lab.emulator.opcall import Const
+
+    n = 512
+    weight = (RNG.standard_normal((n, n)) / n).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, n))], opset_version=ct.target.iOS17)
+    def prog(x):
+        h = mb.linear(x=mb.cast(x=x, dtype="fp16"), weight=weight)
+        return mb.cast(x=mb.relu(x=h), dtype="fp32")
+
+    function = prog.functions["main"]
+    x = torch.from_numpy(RNG.standard_normal((2, n)).astype(np.float32))
+    ref = Interpreter(function, PROFILES["CPU_ONLY"])
+    units = {cu: Interpreter(function, PROFILES[cu]) for cu in ("CPU_AND_GPU", "CPU_AND_NE")}
+    plain = {cu: interp.run({"x": x}) for cu, interp in units.items()}
+    (big,) = [c for c in units["CPU_AND_GPU"].consts.values() if isinstance(c, Const) and np.size(c.value) == n * n]
+    lock = Lockstep(ref, units, with_inputs=False, ref_of={})
+    seen = []
+
+    def on_step(index, step, values, refs):
+        for cu, env in lock.units.envs.items():
+            for name in var_input_names(step):
+                if name in step.frees:
+                    assert name not in env, (cu, step.op.op_type, name)
+            for (name, _, _), value in zip(step.outputs, values[cu]):
+                seen.append((cu, name, value))
+        if step.op.op_type == "linear":
+            assert torch.float32 in big._tensors, "the widened weight is kept until the step is measured"
+
+    def on_reference(step, name, value):
+        return
+        yield
+
+    from coreml_lab.reference import drain
+    drain(lock.run({"x": x}, {"x": x}, on_step, on_reference))
+    assert any(op == "linear" for op in (s.op.op_type for s in lock.steps))
+    for cu, name, value in seen:
+        if name in plain[cu]:
+            assert torch.equal(value.float(), plain[cu][name].float())
