@@ -226,7 +226,7 @@ def find_uncompressed_ops(model, example_inputs=None, options: ConversionOptions
     compressed = convert(None, options=opts, prepared=prep)
     plain = convert(None, options=opts.replace(compression=None), prepared=prep)
     table = describe(compressed, plain)
-    bar = tqdm(desc="find_uncompressed_ops", unit="trial", total=len(table) + 2, disable=not progress)
+    bar = tqdm(desc="find_uncompressed_ops", unit="trial", total=len(table) + 2, disable=not progress, miniters=1)
     trials = _Trials(plain, opts, feeds, want, compute_units, time_budget, bar)
     comp = opts.compression
     try:

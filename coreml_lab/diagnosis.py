@@ -266,7 +266,7 @@ class Diagnosis:
 
     def _run(self, feeds_list, progress, stepwise, ref, devs, states) -> Report:
         bar = tqdm(total=len(feeds_list) * max(len(self.cus), 1), desc="diagnose", unit="run",
-                   disable=not progress)
+                   disable=not progress, miniters=1)  # miniters=1: tqdm's monitor thread never redraws it
         module_outputs = set(self.pairing.module_vars.values())
         for step, feeds in enumerate(feeds_list):
             if states is not None and (step == 0 or not stepwise):

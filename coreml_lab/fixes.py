@@ -235,7 +235,7 @@ def find_fp32_ops(model, example_inputs=None, options: ConversionOptions | dict 
     if opts.precision == "fp32":
         opts = opts.replace(precision="fp16")
     prep, feeds, want = prepared_reference(model, example_inputs, inputs, "find_fp32_ops")
-    bar = tqdm(desc="find_fp32_ops", unit="trial", disable=not progress)
+    bar = tqdm(desc="find_fp32_ops", unit="trial", disable=not progress, miniters=1)
     check = _Checker(prep, opts, feeds, want, compute_units, time_budget, bar)
     try:
         before, conv16 = check.error(frozenset())
