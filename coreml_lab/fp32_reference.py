@@ -143,7 +143,7 @@ def finish_fork(fork: Fork, prep, options: ConversionOptions, named_outputs=None
     """The FP32 reference Conversion from ``fork``: the passes a direct FP32 conversion runs from the FP16
     pass on, then the backend's passes. The fork is used up (its program becomes the reference's)."""
     options = reference_options(options)
-    key = cache_store.fingerprint(prep.digest() + f"|reference|outputs={named_outputs}", prep.inputs, options)
+    key = _memory_key(prep, options, named_outputs)
     program = fork.program
     with msgs.capture() as captured:
         start = time.perf_counter()
@@ -203,7 +203,7 @@ def fp32_reference(prep, options: ConversionOptions, named_outputs=None) -> Conv
     """
     options = reference_options(options)
     source, inputs = prep.source, prep.inputs
-    key = cache_store.fingerprint(prep.digest() + f"|reference|outputs={named_outputs}", inputs, options)
+    key = _memory_key(prep, options, named_outputs)
     hit = cache_store.recent(key)
     if hit is not None:
         return hit
@@ -235,6 +235,11 @@ def fp32_reference(prep, options: ConversionOptions, named_outputs=None) -> Conv
     note = "FP32 reference: coremltools' FP32 conversion kept as its MIL program (no model file written)"
     return _reference(program, prep, options, target, wall,
                       [msgs.make("info", note, "coreml_lab")] + state_messages + list(captured), key)
+
+
+def _memory_key(prep, options: ConversionOptions, named_outputs) -> str:
+    """Where this process remembers the reference of one trace, options and output names (forked or not)."""
+    return cache_store.fingerprint(prep.digest() + f"|reference|outputs={named_outputs}", prep.inputs, options)
 
 
 def _finish(program) -> None:
