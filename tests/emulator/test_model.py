@@ -212,6 +212,7 @@ def test_kernel_failure_names_the_op(net, monkeypatch):
         EmulatedModel(conv.mlmodel).predict({"image": x.numpy()})
 
 
+@pytest.mark.slow
 def test_supported_ops_covers_sample_models():
     import sample_models
     ops = set(supported_ops())
