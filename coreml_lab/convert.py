@@ -139,7 +139,7 @@ def convert(model, example_inputs=None, options: ConversionOptions | dict | None
         if hit is not None:
             return dataclasses.replace(hit, prepared=prep)
 
-    ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
+    ct_inputs = options.spec_copies("inputs") if options.inputs is not None else inputs.ct_inputs()
     ct_inputs, ct_states, state_messages = model_states.conversion_states(
         source, prep.updated_buffers, options, ct_inputs)
     convertible = prep.take_convertible()

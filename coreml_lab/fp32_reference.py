@@ -207,7 +207,7 @@ def fp32_reference(prep, options: ConversionOptions, named_outputs=None) -> Conv
     hit = cache_store.recent(key)
     if hit is not None:
         return hit
-    ct_inputs = list(options.inputs) if options.inputs is not None else inputs.ct_inputs()
+    ct_inputs = options.spec_copies("inputs") if options.inputs is not None else inputs.ct_inputs()
     ct_inputs, ct_states, state_messages = model_states.conversion_states(source, prep.updated_buffers, options,
                                                                           ct_inputs)
     convertible = prep.take_convertible()
@@ -217,7 +217,7 @@ def fp32_reference(prep, options: ConversionOptions, named_outputs=None) -> Conv
     if named_outputs:
         kwargs["outputs"] = [ct.TensorType(name=n) for n in named_outputs]
     elif options.outputs is not None:
-        kwargs["outputs"] = copy.deepcopy(list(options.outputs))  # coremltools sets dtypes on what it is given
+        kwargs["outputs"] = options.spec_copies("outputs")
     if ct_states:
         kwargs["states"] = ct_states
     with msgs.capture() as captured:

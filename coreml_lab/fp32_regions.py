@@ -87,7 +87,7 @@ def selector_view(prep, options: ConversionOptions) -> tuple[list[SelectorOp], d
 
     kw = options.replace(precision="fp16", fp32_ops=()).convert_kwargs()
     kw["compute_precision"] = ct.transform.FP16ComputePrecision(op_selector=record)
-    ct_inputs = list(options.inputs) if options.inputs is not None else prep.inputs.ct_inputs()
+    ct_inputs = options.spec_copies("inputs") if options.inputs is not None else prep.inputs.ct_inputs()
     with msgs.capture():
         try:
             mlmodel = ct.convert(prep.take_convertible(), inputs=ct_inputs, **kw)

@@ -6,6 +6,7 @@ translate into ``ct.convert`` keyword arguments in one place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -173,8 +174,14 @@ class ConversionOptions:
         if cp is not None:
             kw["compute_precision"] = cp
         if self.outputs is not None:
-            kw["outputs"] = list(self.outputs)
+            kw["outputs"] = self.spec_copies("outputs")
         return kw
+
+    def spec_copies(self, field: str) -> list | None:
+        """Fresh copies of the ``inputs`` or ``outputs`` specs, for one ``ct.convert`` call: coremltools
+        sets names, dtypes and shapes on the spec objects it is given, and these are the user's."""
+        specs = getattr(self, field)
+        return copy.deepcopy(list(specs)) if specs is not None else None
 
     def replace(self, **changes) -> ConversionOptions:
         return dataclasses.replace(self, **changes)

@@ -423,3 +423,18 @@ def test_new_ones_composite_with_a_flexible_size_fills_at_run_time():
         x = torch.randn(2, n)
         got = next(iter(EmulatedModel(conv.mlmodel, "CPU_ONLY").predict({"x": x.numpy()}).values()))
         assert np.allclose(got, NewOnes()(x).numpy())
+
+
+def test_the_users_input_and_output_specs_are_not_modified_by_a_diagnosis():
+    # coremltools sets names, dtypes and shapes on the spec objects it converts with; those are the user's
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 3.0
+
+    x_spec, y_spec = ct.TensorType(name="x", shape=(2, 8)), ct.TensorType(name="y")
+    options = cl.ConversionOptions(inputs=(x_spec,), outputs=(y_spec,))
+    before = (options.key(), vars(x_spec).copy(), vars(y_spec).copy())
+    report = cl.diagnose(Scale(), (torch.randn(2, 8),), options, compute_units=["CPU_ONLY"], progress=False)
+    assert report.ok and list(report.outputs["output"].unique()) == ["y"]
+    assert (options.key(), vars(x_spec), vars(y_spec)) == before
+    assert options.outputs[0] is y_spec and y_spec.dtype is None  # FP16 was set on a copy, not on the user's spec
