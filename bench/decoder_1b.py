@@ -15,7 +15,9 @@ build; torch forward of ``tokens`` tokens (median of ``--forwards``; the residen
 after it is the baseline); optionally (``--plain``) a plain ``torch.jit.trace`` +
 ``coremltools.convert`` (released before the next phase); ``cl.convert(model, inputs,
 ConversionOptions())`` (FP16, into an empty conversion cache unless ``--cache`` is given);
-``cl.diagnose(conversion)`` on CPU_ONLY, CPU_AND_GPU and CPU_AND_NE. The figures are those of
+``cl.diagnose(conversion)`` on CPU_ONLY, CPU_AND_GPU and CPU_AND_NE (``--first-report``: instead of
+those two, one cold ``cl.diagnose(model, inputs, options)``, which converts once and forks its FP32
+reference from that conversion). The figures are those of
 whatever library is on the path (public API only). ``--layers 2 --hidden 256`` (the rest
 scaled from the hidden size unless given) runs it in seconds.
 """
@@ -188,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--forwards", type=int, default=2, help="timed torch forwards (median)")
     ap.add_argument("--plain", action="store_true", help="also time a plain trace + coremltools.convert first")
+    ap.add_argument("--first-report", action="store_true",
+                    help="time one cold cl.diagnose(model, inputs, options) instead of cl.convert then "
+                         "cl.diagnose(conversion): the one call a user makes, one coremltools conversion")
     ap.add_argument("--cache", type=Path, help="conversion cache directory (default: a new one, removed after)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -239,15 +244,21 @@ def main(argv=None) -> int:
             _timed_phase("plain convert", lambda: plain_conversion(model, input_ids, options), figures)
             gc.collect()
         inputs = {"input_ids": input_ids}
-        conversion = _timed_phase("cl.convert", lambda: cl.convert(model, inputs, options), figures)
-        report = _timed_phase("cl.diagnose", lambda: cl.diagnose(conversion, progress=False), figures)
+        if args.first_report:  # conversion, FP32 reference and diagnosis in the one call
+            report = _timed_phase("cl.diagnose(model)", lambda: cl.diagnose(model, inputs, options, progress=False),
+                                  figures)
+            diagnose_s = figures["cl.diagnose(model)"]["s"]
+        else:
+            conversion = _timed_phase("cl.convert", lambda: cl.convert(model, inputs, options), figures)
+            report = _timed_phase("cl.diagnose", lambda: cl.diagnose(conversion, progress=False), figures)
+            diagnose_s = figures["cl.diagnose"]["s"]
         if not report.ok:
             raise SystemExit(f"the diagnosis carries an error: {report.error.splitlines()[0][:500]}")
-        diagnose_s = figures["cl.diagnose"]["s"]
         overall = max(v["peak_rss_mb"] for v in figures.values() if isinstance(v, dict))
         figures.update(diagnose_per_cu_forwards=round(diagnose_s / forward_s / len(UNITS), 2),
                        peak_rss_mb=overall, peak_rss_ratio=round(overall * MB / base, 2))
-        print(f"diagnose(conversion) per compute unit: {figures['diagnose_per_cu_forwards']:.2f} torch forwards; "
+        what = "diagnose(model, inputs, options)" if args.first_report else "diagnose(conversion)"
+        print(f"{what} per compute unit: {figures['diagnose_per_cu_forwards']:.2f} torch forwards; "
               f"peak RSS {overall / 1024:.2f} GB = {figures['peak_rss_ratio']:.2f} x the RSS after one forward")
         print("\n".join(report.summary().splitlines()[:12]))
     finally:

@@ -74,7 +74,20 @@ class ErrorHistogram:
 
     def add_abs_diff(self, d: torch.Tensor) -> None:
         """Add finite absolute differences |a - r| (flat FP32), sampled like :meth:`add`."""
-        self._add_abs(self.sample(d).contiguous())  # numpy's log10 is vectorised on dense arrays only
+        self.add_abs_sample(self.sample(d))
+
+    @classmethod
+    def sample_part(cls, part: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """The values of ``part`` (elements ``start`` on of a flat tensor of ``n``) that :meth:`sample` of
+        the whole tensor keeps, copied (``part`` is a temporary)."""
+        if n <= cls.SAMPLE:
+            return part.clone()
+        step = n // cls.SAMPLE
+        return part[(-start) % step::step].clone()
+
+    def add_abs_sample(self, d: torch.Tensor) -> None:
+        """Add absolute differences already sampled (:meth:`sample`, :meth:`sample_part`)."""
+        self._add_abs(d.contiguous())  # numpy's log10 is vectorised on dense arrays only
 
     def _add_abs(self, d: torch.Tensor) -> None:
         # one bincount over slots: 0 = exact or below the first edge, 1..bins = the bins,

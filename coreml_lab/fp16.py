@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .emulator.program import walk_ops
+from .tensor_passes import chunks
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
@@ -46,11 +47,16 @@ class RangeStats:
             return
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
+        x = x.reshape(-1)
         self.n += int(x.size)
+        for part in chunks(x.size):  # a large tensor chunk by chunk: every count is the same (tensor_passes.LARGE)
+            self._add_flat(x[part])
+
+    def _add_flat(self, x: np.ndarray) -> None:
         if not x.size:
             return
         # numpy, single-threaded: a few passes over one tensor are cheaper than torch's thread start-up
-        b = np.abs(x.reshape(-1))
+        b = np.abs(x)
         top = float(b.max())
         if not math.isfinite(top):  # NaN and inf propagate into max: mask only then
             bad = ~np.isfinite(b)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .error_histogram import ErrorHistogram
-from .tensor_passes import finite, max_abs, only_where, paired_flat, storage_order
+from .tensor_passes import chunks, difference, finite, max_abs, only_where, paired_flat, storage_order
 from .tensor_passes import largest_finite as largest_finite  # re-exported: the statistics read it here
 
 #: the smallest FP16 subnormal (fp16.FP16_MIN_SUBNORMAL; metrics sits below fp16 in the layers)
@@ -119,7 +119,7 @@ class ErrorStats:
 
         With ``d = a - r``: ``a.r = r.r + r.d`` and ``a.a = r.r + 2 r.d + d.d``, so ``a`` is read
         once; ``ref_sums`` = (r.r, max |r|) lets a caller comparing several results against one
-        reference compute those once.
+        reference compute those once. Large tensors go chunk by chunk (:func:`.tensor_passes.chunks`).
         """
         if a is r and ref_sums is not None and math.isfinite(ref_sums[0]):  # the reference itself
             rr, rmax = ref_sums
@@ -134,18 +134,33 @@ class ErrorStats:
         a, r = paired_flat(a.detach(), r.detach())
         if r.dtype != torch.float32:
             r = r.float()
-        d = torch.sub(a, r)  # an FP16 value is promoted inside the subtraction
-        if d.dtype != torch.float32:
-            d = d.float()
-        dd = float(torch.dot(d, d))
-        rd = float(torch.dot(r, d))
         rr, rmax = ref_sums if ref_sums is not None else reference_sums(r)
-        if not (math.isfinite(dd) and math.isfinite(rd) and math.isfinite(rr)):
-            return False  # inf/NaN in a value (it propagates into the sums) or FP32 overflow: the exact path
-        self.n += d.numel()
-        d = self._add_sums(d, dd, rd, rr, rmax)
+        if not math.isfinite(rr):
+            return False
+        n = a.numel()
+        dd = rd = sum_abs = top = 0.0
+        sample = []
+        for part in chunks(n):
+            d = difference(a[part], r[part])
+            dd += float(torch.dot(d, d))
+            rd += float(torch.dot(r[part], d))
+            if not (math.isfinite(dd) and math.isfinite(rd)):
+                return False  # inf/NaN in a value (it propagates into the sums) or FP32 overflow: the exact path
+            d = d.abs_()
+            sum_abs += float(d.sum())
+            top = max(top, float(d.max()))
+            if hist is not None:
+                sample.append(ErrorHistogram.sample_part(d, part.start, n))
+        self.n += n
+        self.sum_abs += sum_abs
+        self.max_abs = max(self.max_abs, top)
+        self.sum_sq_err += dd
+        self.sum_sq_ref += rr
+        self.sum_sq_val += rr + 2 * rd + dd
+        self.sum_prod += rr + rd
+        self.max_ref = max(self.max_ref, rmax)
         if hist is not None:
-            hist.add_abs_diff(d)
+            hist.add_abs_sample(sample[0] if len(sample) == 1 else torch.cat(sample))
         return True
 
     def _add_sums(self, d: torch.Tensor, dd: float, rd: float, rr: float, rmax: float) -> torch.Tensor:
@@ -273,12 +288,14 @@ class DiffStats:
             out.max_ref = max_b
             return out
         a, b = paired_flat(a.detach(), b.detach())
-        # a - b in FP32 (an FP16 b is promoted inside the subtraction), into a's FP32 copy when
-        # a is FP16 (one full-size temporary, not two: the largest values set the memory peak)
-        in_place = a.dtype == torch.float16 and b.dtype in (torch.float16, torch.float32)
-        diff = a.float().sub_(b) if in_place else torch.sub(a.float(), b)
-        d = max_abs(diff)
-        del diff
+        # a - b in FP32, chunk by chunk when large: one chunk-sized temporary at a time, not full-size ones
+        # (the largest values set the memory peak)
+        d = 0.0
+        for part in chunks(a.numel()):
+            m = max_abs(difference(a[part], b[part]))
+            d = m if not math.isfinite(m) else max(d, m)  # NaN kept (max() would drop it)
+            if not math.isfinite(d):
+                break
         if not math.isfinite(d):  # compare where both are finite (zeroed elsewhere: no gather)
             a, b = a.float(), b.float()
             fa, fb = finite(a), finite(b)

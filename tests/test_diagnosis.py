@@ -266,6 +266,41 @@ def test_fast_torch_statistics_match_the_exact_numpy_path():
     assert rf.result() == pytest.approx(re_.result(), nan_ok=True)
 
 
+def test_large_tensors_measured_chunk_by_chunk_give_the_whole_tensor_statistics(monkeypatch):
+    """Above tensor_passes.LARGE elements the statistics go chunk by chunk (no full-size temporaries):
+    maxima, counts and the histogram are the same as in one pass, sums equal to FP32 rounding."""
+    from coreml_lab import tensor_passes
+    from coreml_lab.fp16 import RangeStats
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(70001, generator=g) * 3
+    r[100:140] = 0.0
+    r[-7:] = 1e-6  # subnormal in FP16, in the last chunk only
+    a = (r + torch.randn(70001, generator=g) * 1e-2).half()
+    b = (r * 1.001).half()
+
+    def measured():
+        stats, hist, ranges = metrics.ErrorStats(), metrics.ErrorHistogram(), RangeStats()
+        stats.add(a, r, classifier=False, hist=hist)
+        ranges.add(r)
+        return stats, hist.to_dict(), ranges.result(), metrics.DiffStats.measure(a, b).result()
+
+    whole = measured()
+    monkeypatch.setattr(tensor_passes, "LARGE", 1000)
+    monkeypatch.setattr(tensor_passes, "CHUNK", 4096 + 11)  # chunks that do not line up with the histogram's stride
+    assert len(tensor_passes.chunks(a.numel())) == 18
+    chunked = measured()
+    for k in ("n", "max_abs", "max_ref", "n_nonfinite"):
+        assert getattr(chunked[0], k) == getattr(whole[0], k), k
+    for k in ("sum_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_val", "sum_prod"):
+        assert getattr(chunked[0], k) == pytest.approx(getattr(whole[0], k), rel=1e-6), k
+    assert chunked[1] == whole[1] and sum(whole[1]["counts"]) > 4000
+    assert chunked[2] == whole[2] and whole[2]["subnormal_frac"] > 0
+    assert chunked[3] == whole[3]
+    a[-3] = math.nan  # in the last chunk: the pair is counted, not lost by a running max
+    div = metrics.DiffStats.measure(a, b)
+    assert div.nonfinite == 1 and math.isfinite(div.max_abs) and div.max_abs > 0
+
+
 @pytest.mark.parametrize("scale", [3.0, 1e25])  # 1e25: FP32 sums overflow, the float64 path takes over
 def test_statistics_with_inf_and_nan_match_the_exact_numpy_path(scale, monkeypatch):
     g = torch.Generator().manual_seed(1)
