@@ -29,6 +29,11 @@ the model is built and run forward once; then:
     kernel's high-water mark). Target <= 2. The same for the first warm diagnosis is
     reported beside it.
 
+Beside (a) and (b), their floors: the whole-model runs no diagnosis can do without (one torch FP32
+forward, the FP32 program, the FP16 program under each unit's profile), each timed alone
+(:func:`floors`); (a)'s floor adds them to the plain conversion. A target below its floor cannot be
+met by making the statistics cheaper.
+
 ``--cold-runs K`` runs K fresh processes per model and reports the median of (a) and (c)
 (the first process also measures (b)). ``--tiny`` builds every architecture at a few layers
 and a few dozen channels: a quick check that each one builds, traces, converts and
@@ -264,7 +269,29 @@ def measure(name: str, repeats: int, convert_repeats: int, tiny: bool, cold_only
     row.update(warm_diagnose_s=round(statistics.median(diag_times), 2),
                warm_ratio_per_cu=round(statistics.median(ratios), 2),
                warm_peak_rss_mb=round(warm_memory.peak / MB), warm_peak_rss_ratio=round(warm_memory.peak / base_rss, 2))
+    row.update(floors(model, inputs, options, conversion, forward, convert_s))
     return row
+
+
+def floors(model, inputs, options, conversion, forward, convert_s: float) -> dict:
+    """The floor under (a) and (b): the whole-model runs no diagnosis can do without, each timed alone
+    (median of 2 after one untimed): one torch FP32 forward (the framework reference), the FP32 program
+    and the FP16 program under each unit's profile - no statistics, no local re-runs, no trace, nothing
+    shared between runs. (a)'s floor adds them to one plain conversion; both are lower bounds."""
+    import coreml_lab as cl
+    from coreml_lab.emulator import EmulatedModel
+
+    feeds = conversion.example_inputs.as_numpy()
+    conv32 = cl.convert(model, inputs, options.replace(precision="fp32"))
+    programs = [EmulatedModel(conv32.mlmodel, "CPU_ONLY")] + [EmulatedModel(conversion.mlmodel, cu) for cu in UNITS]
+    runs_s = 0.0
+    for run in [forward] + [lambda p=p: p.predict(feeds) for p in programs]:
+        run()
+        runs_s += statistics.median(_timed(run) for _ in range(2))
+    forward_s = statistics.median(_timed(forward) for _ in range(3))
+    return {"runs_alone_s": round(runs_s, 2),
+            "first_report_floor": round((convert_s + runs_s) / (convert_s + 3 * forward_s), 2),
+            "warm_floor_per_cu": round(runs_s / forward_s / len(UNITS), 2)}
 
 
 # ------------------------------------------------------------------ the driver
@@ -306,7 +333,8 @@ COLUMNS = [  # (header, key, format)
     ("(a) first", "first_report_ratio", "{:.2f}"), ("warm diag s", "warm_diagnose_s", "{:.1f}"),
     ("(b) per-CU", "warm_ratio_per_cu", "{:.2f}"), ("base MB", "base_rss_mb", "{:.0f}"),
     ("cold peak MB", "cold_peak_rss_mb", "{:.0f}"), ("(c) peak", "peak_rss_ratio", "{:.2f}"),
-    ("warm peak", "warm_peak_rss_ratio", "{:.2f}"),
+    ("warm peak", "warm_peak_rss_ratio", "{:.2f}"), ("(a) floor", "first_report_floor", "{:.2f}"),
+    ("(b) floor", "warm_floor_per_cu", "{:.2f}"),
 ]
 
 
