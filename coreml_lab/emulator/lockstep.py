@@ -115,9 +115,9 @@ def _same_const(a: Const, b: Const, compute: torch.dtype) -> bool:
     if va.shape != vb.shape:
         return False
     if va.dtype.kind == "f" and vb.dtype.kind == "f":
-        # kernels read float constants in the compute dtype
+        # kernels read float constants in the compute dtype (a constant already in it is not copied)
         dt = torch.empty(0, dtype=compute).numpy().dtype
-        return bool(np.array_equal(va.astype(dt), vb.astype(dt)))
+        return bool(np.array_equal(va.astype(dt, copy=False), vb.astype(dt, copy=False)))
     return va.dtype == vb.dtype and bool(np.array_equal(va, vb))
 
 
