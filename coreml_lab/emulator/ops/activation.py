@@ -224,11 +224,11 @@ def softmax(call):
     if x.dtype == torch.float32 and call.accumulate == torch.float32:
         return torch.softmax(x, dim=axis)  # the same max-shifted formula, fused, all in FP32
     m = torch.amax(x, dim=axis, keepdim=True)
-    shifted = x - m
+    shifted = x - m  # a new tensor: exp and the division below work in it (one full-size tensor, not three)
     if call.hazard("indeterminate_to_zero") and bool(torch.isinf(m).any()):
         # Neural Engine: inf - inf (a lane holding +inf, e.g. a coerced NaN) is +0, so that lane
         # takes all the mass (ane-guide)
-        shifted = torch.nan_to_num(shifted, nan=0.0, posinf=torch.inf, neginf=-torch.inf)
-    e = torch.exp(shifted)
+        shifted.nan_to_num_(nan=0.0, posinf=torch.inf, neginf=-torch.inf)
+    e = shifted.exp_()
     s = numerics.reduce_sum(e, axis, True, call.accumulate).to(x.dtype)
-    return e / s
+    return e.div_(s)
