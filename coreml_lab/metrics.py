@@ -186,9 +186,7 @@ class ErrorStats:
         both = finite(a) & ref_ok
         n_ref_ok, n_both = int(ref_ok.sum()), int(both.sum())
         r = only_where(both, given.float())
-        d = only_where(both, torch.sub(a, r))  # an FP16 value is promoted inside the subtraction
-        if d.dtype != torch.float32:
-            d = d.float()
+        d = only_where(both, difference(a, r))
         dd, rd, rr = float(torch.dot(d, d)), float(torch.dot(r, d)), float(torch.dot(r, r))
         if not (math.isfinite(dd) and math.isfinite(rd) and math.isfinite(rr)):
             return False
