@@ -384,6 +384,7 @@ def _operand(shape, dtype, rng, nonzero=False):
     return v
 
 
+@pytest.mark.slow  # property tests over many shapes: make test-slow
 @settings(max_examples=15, deadline=None)
 @given(shapes=broadcast_shapes(), op=st.sampled_from(sorted(NP_BINARY)), dtype=st.sampled_from(["fp32", "int32"]),
        seed=st.integers(0, 2 ** 16))
@@ -422,6 +423,7 @@ NP_UNARY = {
 }
 
 
+@pytest.mark.slow  # property tests over many shapes: make test-slow
 @settings(max_examples=15, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), op=st.sampled_from(sorted(NP_UNARY)),
        seed=st.integers(0, 2 ** 16))

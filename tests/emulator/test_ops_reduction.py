@@ -400,6 +400,7 @@ _SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
                      suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow  # property tests over many shapes: make test-slow
 @pytest.mark.parametrize("op", sorted(_NP_REDUCE))
 @_SETTINGS
 @given(case=_reduction_case())
