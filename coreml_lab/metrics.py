@@ -152,29 +152,21 @@ class ErrorStats:
             if hist is not None:
                 sample.append(ErrorHistogram.sample_part(d, part.start, n))
         self.n += n
-        self.sum_abs += sum_abs
-        self.max_abs = max(self.max_abs, top)
-        self.sum_sq_err += dd
-        self.sum_sq_ref += rr
-        self.sum_sq_val += rr + 2 * rd + dd
-        self.sum_prod += rr + rd
-        self.max_ref = max(self.max_ref, rmax)
+        self._add_sums(sum_abs, top, dd, rd, rr, rmax)
         if hist is not None:
             hist.add_abs_sample(sample[0] if len(sample) == 1 else torch.cat(sample))
         return True
 
-    def _add_sums(self, d: torch.Tensor, dd: float, rd: float, rr: float, rmax: float) -> torch.Tensor:
-        """Accumulate one tensor's differences ``d`` (made |d| in place, and returned) and its dot
-        products d.d, r.d, r.r: ``a.r = r.r + r.d``, ``a.a = r.r + 2 r.d + d.d``."""
-        d = d.abs_()
-        self.sum_abs += float(d.sum())
-        self.max_abs = max(self.max_abs, float(d.max()))
+    def _add_sums(self, sum_abs: float, max_abs_d: float, dd: float, rd: float, rr: float, rmax: float) -> None:
+        """Accumulate one tensor's sum and max of |d| and its dot products d.d, r.d, r.r (``d = a - r``):
+        ``a.r = r.r + r.d``, ``a.a = r.r + 2 r.d + d.d``."""
+        self.sum_abs += sum_abs
+        self.max_abs = max(self.max_abs, max_abs_d)
         self.sum_sq_err += dd
         self.sum_sq_ref += rr
         self.sum_sq_val += rr + 2 * rd + dd
         self.sum_prod += rr + rd
         self.max_ref = max(self.max_ref, rmax)
-        return d
 
     def _add_masked(self, a: torch.Tensor, r: torch.Tensor, hist=None) -> bool:
         """Tensors with inf/NaN (an attention mask's -inf, an overflow): the pairs where both are
@@ -194,7 +186,8 @@ class ErrorStats:
         self.ref_nonfinite += r.numel() - n_ref_ok
         self.n_nonfinite += n_ref_ok - n_both
         if n_both:
-            self._add_sums(d, dd, rd, rr, max_abs(r))
+            d = d.abs_()
+            self._add_sums(float(d.sum()), float(d.max()), dd, rd, rr, max_abs(r))
         if hist is not None:
             hist.add(a, given)  # it masks its own sample
         return True
@@ -291,9 +284,10 @@ class DiffStats:
         d = 0.0
         for part in chunks(a.numel()):
             m = max_abs(difference(a[part], b[part]))
-            d = m if not math.isfinite(m) else max(d, m)  # NaN kept (max() would drop it)
-            if not math.isfinite(d):
+            if not math.isfinite(m):  # inf/NaN: the masked comparison below (a running max() would drop NaN)
+                d = m
                 break
+            d = max(d, m)
         if not math.isfinite(d):  # compare where both are finite (zeroed elsewhere: no gather)
             a, b = a.float(), b.float()
             fa, fb = finite(a), finite(b)
